@@ -83,6 +83,9 @@ class Split(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.src_texts)
 
+    def __repr__(self) -> str:
+        return f"Split({len(self)} examples)"
+
     @overload
     def __getitem__(self, i: int) -> Example: ...
 

@@ -111,7 +111,8 @@ def subset_pairs(pairs: list[Pair], limit: int | None) -> list[int]:
     """
     if limit is None or limit >= len(pairs):
         return list(range(len(pairs)))
-    ranked = sorted(range(len(pairs)), key=lambda i: _unit_hash("\t".join(pairs[i])))
+    # salted, so the subset is independent of the hash that carved val/test out of a file
+    ranked = sorted(range(len(pairs)), key=lambda i: _unit_hash("subset\t" + "\t".join(pairs[i])))
     return sorted(ranked[:limit])
 
 
@@ -214,7 +215,7 @@ def _file_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
     for name in ("val", "test"):
         path = getattr(cfg, f"{name}_path")
         if path:
-            splits[name] = list(_read_pairs(cfg, f"data.{name}_path", path))
+            splits[name] = _read_pairs(cfg, f"data.{name}_path", path)
     if not splits["train"]:
         raise ConfigError(f"{main_key}: {main_path}: no pair left for training")
     return splits
@@ -235,7 +236,7 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
         if pair[0] and pair[1]:
             pairs.append(pair)
     if not pairs:
-        raise ConfigError(f"{key}: {path}: no sentence pairs (the file is empty)")
+        raise ConfigError(f"{key}: {path}: no sentence pairs (empty file, or empty sides only)")
     return pairs
 
 

@@ -14,7 +14,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,7 +50,7 @@ class PreparedData:
     train: Split  # after max_train_pairs
     val: Split
     test: Split
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer = field(repr=False)  # its repr holds the whole vocabulary
     pad_id: int
     sep_id: int
     eos_id: int
@@ -107,6 +107,7 @@ class PreparedData:
 
 
 _MEMO: dict[tuple[object, ...], PreparedData] = {}
+_MEMO_SIZE = 4  # configs kept in memory (a search over vocab_size must not grow without bound)
 
 
 def prepare(data_cfg: DataConfig) -> PreparedData:
@@ -151,6 +152,8 @@ def prepare(data_cfg: DataConfig) -> PreparedData:
         f" (built {', '.join(data.built)})" if data.built else " (cached)",
     )
     _MEMO[memo_key] = data
+    while len(_MEMO) > _MEMO_SIZE:
+        del _MEMO[next(iter(_MEMO))]  # the oldest
     return data
 
 
