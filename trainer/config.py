@@ -98,7 +98,9 @@ class DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
         if self.source != "bible" and not (self.path or self.train_path):
-            raise ConfigError(f"data.path (or data.train_path) is required for source '{self.source}'")
+            raise ConfigError(
+                f"data.path (or data.train_path) is required for source '{self.source}'"
+            )
         if self.source == "bible" and self.bible_src == self.bible_tgt:
             raise ConfigError("data.bible_src and data.bible_tgt name the same translation")
 
@@ -168,7 +170,8 @@ class TrainingConfig:
         )
         if self.keep_checkpoints < 2:
             raise ConfigError(
-                "train.keep_checkpoints must be >= 2 (the newest may be half-written when a run dies)"
+                "train.keep_checkpoints must be >= 2 "
+                "(the newest may be half-written when a run dies)"
             )
         if self.max_tokens is not None and self.max_tokens <= 0:
             raise ConfigError(f"train.max_tokens must be > 0, got {self.max_tokens}")
@@ -177,7 +180,9 @@ class TrainingConfig:
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.early_stopping_patience < 0 or self.checkpoint_every < 0:
-            raise ConfigError("train.early_stopping_patience and train.checkpoint_every must be >= 0")
+            raise ConfigError(
+                "train.early_stopping_patience and train.checkpoint_every must be >= 0"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,10 +204,11 @@ class TrainConfig:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.data.max_src_tokens + self.data.max_tgt_tokens + 2 > self.model.max_len:
+        longest = self.data.max_src_tokens + self.data.max_tgt_tokens + 2
+        if longest > self.model.max_len:
             raise ConfigError(
                 f"model.max_len={self.model.max_len} is shorter than data.max_src_tokens + "
-                f"data.max_tgt_tokens + 2 = {self.data.max_src_tokens + self.data.max_tgt_tokens + 2}"
+                f"data.max_tgt_tokens + 2 = {longest}"
             )
         if self.train.tokens_per_batch < self.model.max_len:
             raise ConfigError(
@@ -263,7 +269,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{path} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+            allowed = ", ".join(map(repr, choices))
+            raise ConfigError(f"{path} must be one of {allowed}, got {value!r}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -298,7 +305,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string, got {value!r}")
         return value
-    if is_dataclass(tp):
+    if isinstance(tp, type) and is_dataclass(tp):
         return _build(tp, value, path)
     raise ConfigError(f"{path}: unsupported type {tp}")  # a bug, not a user error
 
