@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     from storage import cli as storage_cli
 
     storage_cli.register(sub)
+    from search import deploy
+
+    deploy.register(sub)
     return parser
 
 
