@@ -244,6 +244,10 @@ def _run_compose(args: argparse.Namespace) -> int:
         raise SearchError(
             f"cannot read {base_path} ({e.strerror}) — run from the repository root or pass --base"
         ) from e
+    except yaml.YAMLError as e:
+        raise SearchError(f"{base_path} is not valid YAML ({e}) — fix it or pass --base") from e
+    if not isinstance(base, dict):
+        raise SearchError(f"{base_path} is not a compose file (no services) — pass --base")
     text = render_override(compose_override(base, args.gpus), args.gpus, str(base_path))
     if args.out == "-":
         sys.stdout.write(text)

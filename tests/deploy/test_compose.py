@@ -246,6 +246,17 @@ def test_compose_overwrites_only_its_own_file(
     assert out.read_text(encoding="utf-8") == "services: {}\n"
 
 
+def test_compose_needs_a_worker_0_to_copy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = tmp_path / "compose.yml"
+    base.write_text("services:\n  db:\n    image: postgres:16\n", encoding="utf-8")
+    args = ["compose", "--gpus", "2", "--base", str(base), "--out", str(tmp_path / "o.yml")]
+    assert cli.main(args) == 2
+    assert "no worker-0 service" in capsys.readouterr().err
+    assert not (tmp_path / "o.yml").exists()
+
+
 # --- a real Compose v2 implementation, when installed -------------------------------------
 
 

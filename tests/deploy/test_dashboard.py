@@ -1,9 +1,9 @@
 """`amt-search dashboard`: loopback by default, and what a person sees in a real browser.
 
-The browser test makes a study on the real PostgreSQL (a fresh database, dropped afterwards)
-with complete and pruned trials whose intermediate values are BLEU-4 numbers, starts
-`amt-search dashboard` on it, and reads the pages in Debian's headless Chromium through
-Playwright. Screenshots go to tests/artifacts/.
+The browser test makes a study on the real PostgreSQL ($TEST_DB_URL, default 127.0.0.1:5432;
+a fresh database, dropped afterwards) with complete and pruned trials whose intermediate values
+are BLEU-4 numbers, starts `amt-search dashboard` on it, and reads the pages in Debian's
+headless Chromium through Playwright. Screenshots go to tests/artifacts/.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from search import cli, deploy
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "tests" / "artifacts"
-ADMIN_URL = os.environ.get(
-    "AMT_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_ARGS = [
     "--headless",
