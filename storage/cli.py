@@ -3,14 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
+
+from storage import embedded
+from storage.urls import ENV_VAR, mask_url, resolve_url
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("db", help="see or stop the embedded PostgreSQL server")
+    p = sub.add_parser(
+        "db",
+        help="see or stop the embedded PostgreSQL server",
+        description="status: is the embedded PostgreSQL running, where, how many clients. "
+        "url: the storage URL amt-search uses (--storage, else $AMT_STORAGE_URL, else the "
+        "embedded server, which it starts if needed). stop: stop the embedded server; workers "
+        "using it lose their connection.",
+    )
     p.add_argument("action", choices=["status", "url", "stop"])
+    p.add_argument("--storage", metavar="URL", help="storage URL (default: $AMT_STORAGE_URL)")
+    p.add_argument("--show-password", action="store_true", help="print the URL with its password")
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    raise NotImplementedError("storage helper fills this in")
+    if args.action == "url":
+        url = resolve_url(args.storage)
+        print(url if args.show_password else mask_url(url))
+    elif args.action == "stop":
+        stopped = embedded.stop()
+        print(
+            "stopped the embedded PostgreSQL"
+            if stopped
+            else "the embedded PostgreSQL was not running"
+        )
+    else:
+        _print_status(embedded.status())
+    return 0
+
+
+def _print_status(info: dict[str, Any]) -> None:
+    if info["running"]:
+        print(
+            f"embedded PostgreSQL: running (pid {info['pid']}, started {info['started_at']}, "
+            f"{info['connections']} client connections)"
+        )
+        print(f"url:  {info['url']}")
+    else:
+        print("embedded PostgreSQL: not running (it starts when a command needs it)")
+    print(f"data: {info['data_dir']}")
+    print(f"log:  {info['log']}")
+    if os.environ.get(ENV_VAR):
+        print(f"note: studies go to {mask_url(os.environ[ENV_VAR])} (from {ENV_VAR}), not here")
