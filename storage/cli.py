@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from storage import embedded
-from storage.urls import ENV_VAR, mask_url, resolve_url
+from storage.urls import ENV_VAR, check_url, mask_url, resolve_url
 
 
 def register(sub: Any) -> None:
@@ -47,7 +47,8 @@ def _print_status(info: dict[str, Any]) -> None:
             f"embedded PostgreSQL: running (pid {info['pid']}, started {info['started_at']}, "
             f"{info['connections']} client connections)"
         )
-        print(f"url:  {info['url']}")
+        print(f"url:  {check_url(info['url'])}")
+        print(f"psql: psql '{info['url']}'")
     else:
         print("embedded PostgreSQL: not running (it starts when a command needs it)")
     print(f"data: {info['data_dir']}")

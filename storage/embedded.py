@@ -100,12 +100,18 @@ def ensure_server() -> str:
     on the lock and then join. Raises StorageError (naming the log file) when it cannot start.
     """
     lay = _layout()
-    if _ready_pid(lay) is None:
+    if not _set_up(lay):
         lay.root.mkdir(parents=True, exist_ok=True)
         with _locked(lay.lock):
-            if _ready_pid(lay) is None:
+            if not _set_up(lay):
                 _start(lay)
     return _url(lay)
+
+
+def _set_up(lay: _Layout) -> bool:
+    """Ready, and set up by a starter that finished: the registry, written last, names it."""
+    pid = _ready_pid(lay)
+    return pid is not None and _read_json(lay.registry).get("pid") == pid
 
 
 def status() -> dict[str, Any]:
@@ -151,29 +157,30 @@ def stop() -> bool:
 
 def _start(lay: _Layout) -> None:
     """Under the lock: init the data directory if needed, clear what a killed server left,
-    start the postmaster detached, create the database and write the registry."""
+    start the postmaster detached, create the database and write the registry. A server that
+    is alive but not ready (crash recovery; or a starter killed during ``pg_ctl start``, whose
+    postmaster went on) is waited for instead."""
     if not (lay.data / "PG_VERSION").exists():
         _initdb(lay)
-    pid = _postmaster_pid(lay.data)
-    if pid is not None:  # alive but not ready: crash recovery, or a shutdown in progress
-        if _wait_ready(lay, _START_TIMEOUT_S) is not None:
-            return
-    else:
+    started = None
+    if _postmaster_pid(lay.data) is None:
         _clear_leftovers(lay)
-    _make_owned_dir(lay.socket_dir)
-    options = f"-k {shlex.quote(str(lay.socket_dir))}"
-    args = ["-D", str(lay.data), "-l", str(lay.log), "-o", options, "-w"]
-    done = _run_pg("pg_ctl", [*args, "-t", str(_START_TIMEOUT_S), "start"])
-    if done.returncode != 0 or _wait_ready(lay, 5) is None:
+        _make_owned_dir(lay.socket_dir)
+        options = f"-k {shlex.quote(str(lay.socket_dir))}"
+        args = ["-D", str(lay.data), "-l", str(lay.log), "-o", options, "-w"]
+        started = _run_pg("pg_ctl", [*args, "-t", str(_START_TIMEOUT_S), "start"])
+    pid = _wait_ready(lay, _START_TIMEOUT_S)
+    if pid is None:
+        output = started.stdout if started is not None else "not ready"
         raise StorageError(
-            f"the embedded PostgreSQL did not start ({_last_line(done.stdout)}) — see "
-            f"{lay.log}; 'amt-search db stop' and retry"
+            f"the embedded PostgreSQL did not start ({_start_failure(output, lay.log)}) "
+            f"— see {lay.log}"
         )
     _create_database(lay)
     _write_json(
         lay.registry,
         {
-            "pid": _postmaster_pid(lay.data),
+            "pid": pid,
             "url": _url(lay),
             "data_dir": str(lay.data),
             "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -184,9 +191,10 @@ def _start(lay: _Layout) -> None:
 
 def _initdb(lay: _Layout) -> None:
     """initdb into a temporary directory, then rename: a killed initdb leaves no half cluster."""
-    building = lay.root / "data.init"
-    shutil.rmtree(building, ignore_errors=True)
     _make_owned_dir(lay.root, mode=0o755)
+    for stale in lay.root.glob("data.init.*"):  # from starters killed during initdb
+        shutil.rmtree(stale, ignore_errors=True)
+    building = Path(tempfile.mkdtemp(prefix="data.init.", dir=lay.root))
     _make_owned_dir(building)
     done = _run_pg(
         "initdb",
@@ -365,6 +373,8 @@ def _make_owned_dir(path: Path, mode: int = 0o700) -> None:
     if ids is not None:
         os.chown(path, *ids)
         _make_searchable(path.parent)
+    elif path.stat().st_uid != os.getuid():  # e.g. a look-alike made in /tmp by someone else
+        raise StorageError(f"{path} belongs to another user — remove it, or set AMT_HOME")
     path.chmod(mode)
 
 
@@ -427,6 +437,15 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def _start_failure(pg_ctl_output: str, log: Path) -> str:
+    """The server log's last FATAL message (why it did not start), else pg_ctl's last line."""
+    try:
+        fatal = [line for line in log.read_text().splitlines() if "FATAL:" in line]
+    except OSError:
+        fatal = []
+    return fatal[-1].split("FATAL:", 1)[1].strip() if fatal else _last_line(pg_ctl_output)
 
 
 def _last_line(text: str) -> str:

@@ -147,7 +147,11 @@ def create_schema(url: str | None = None, *, connect_timeout_s: int = 10) -> Non
         resolved,
         poolclass=NullPool,
         isolation_level="AUTOCOMMIT",
-        connect_args={"connect_timeout": connect_timeout_s, "application_name": "amt-search"},
+        connect_args={
+            "connect_timeout": connect_timeout_s,
+            "application_name": "amt-search",
+            "options": "-c lock_timeout=60000",  # bounds the wait for the advisory lock
+        },
     )
     try:
         try:
