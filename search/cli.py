@@ -11,14 +11,16 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from search.errors import SearchError
 from storage.errors import CheckpointError, StorageError
 from trainer.errors import ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, StorageError, CheckpointError)
-
-
-class SearchError(RuntimeError):
-    """A user error about a study or trial (unknown study, unknown trial number ...)."""
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    StorageError,
+    CheckpointError,
+    SearchError,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    from search import commands
+
+    commands.register(sub)
     from storage import cli as storage_cli
 
     storage_cli.register(sub)
@@ -59,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.func(args) or 0)
-    except (*USER_ERRORS, SearchError) as e:
+    except USER_ERRORS as e:
         print(f"amt-search: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,251 @@
+"""One trial: Optuna parameters -> TrainConfig -> ``trainer.fit`` -> BLEU-4.
+
+The trial trains the study's recipe cut to the truncation budget, in
+``<state dir>/runs/<study>/trial-<number>``. At every evaluation the pruning callback reports
+BLEU-4 at step k (the k-th eval) and raises :class:`optuna.TrialPruned` when the pruner says
+so; ``fit`` saves a checkpoint and re-raises. The trial's value is the final BLEU-4.
+
+Failure handling:
+
+* a retry (of a trial whose worker died, or that was stopped by SIGTERM) copies the newest
+  checkpoint of the trial it retries into its own run directory and resumes from it;
+* ``TrainingFailed`` that cannot be helped by a retry (NaN loss, OOM at the smallest
+  micro-batch) ends the trial FAIL with ``fail_reason`` in its user attributes; it is not
+  retried (only stale or stopped trials are) and the worker goes on;
+* SIGTERM (``stop`` set): the next optimiser step raises :class:`WorkerStopped`, ``fit``
+  saves, the trial is re-enqueued for retry, and the exception ends the worker's loop.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+import trainer
+from search.config import ParamSpec, SearchConfig, trial_train_config
+from storage.checkpoints import latest_checkpoint
+from storage.paths import state_dir
+from trainer.config import TrainConfig
+from trainer.errors import TrainingFailed
+
+__all__ = ["Objective", "PruningCallback", "WorkerStopped", "run_dir"]
+
+log = logging.getLogger(__name__)
+
+
+class WorkerStopped(Exception):
+    """The worker was asked to stop (SIGTERM); the trial saved and was re-enqueued."""
+
+
+def run_dir(study_name: str, trial_number: int) -> Path:
+    return state_dir() / "runs" / study_name / f"trial-{trial_number}"
+
+
+def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
+    if p.type == "categorical":
+        return trial.suggest_categorical(p.name, list(p.choices))
+    assert p.low is not None and p.high is not None
+    if p.type == "int":
+        step = int(p.step) if p.step is not None and not p.log else 1
+        return trial.suggest_int(p.name, int(p.low), int(p.high), step=step, log=p.log)
+    return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
+
+
+class PruningCallback:
+    """``trainer.fit`` callback: report BLEU-4 at each eval, prune, stop on SIGTERM."""
+
+    def __init__(self, trial: optuna.Trial, eval_every: int, stop: threading.Event) -> None:
+        self.trial = trial
+        self.eval_every = eval_every
+        self.stop = stop
+        self.history: list[dict[str, float]] = []
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.history.append(metrics)
+        k = math.ceil(step / self.eval_every)
+        bleu = float(metrics["bleu"])
+        log.info(
+            "trial %d eval %d (step %d): BLEU-4 %.2f, val loss %.4f, %.0f tok/s",
+            self.trial.number,
+            k,
+            step,
+            bleu,
+            metrics["val_loss"],
+            metrics["tokens_per_s"],
+        )
+        self.trial.report(bleu, k)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at eval {k} (step {step}) with BLEU-4 {bleu:.2f}")
+
+    def on_step(self, step: int) -> None:
+        if self.stop.is_set():
+            raise WorkerStopped(f"stopped at step {step}")
+
+
+class Objective:
+    """Callable for ``study.optimize``; one instance per worker (the prepared data and the
+    CUDA context stay in the process across trials)."""
+
+    def __init__(self, cfg: SearchConfig, stop: threading.Event, device: str) -> None:
+        self.cfg = cfg
+        self.stop = stop
+        self.device = device  # "cuda" or "cpu": what the compute seconds are
+        self.on_trial_start: list[Any] = []  # called with the trial once it exists
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        for fn in self.on_trial_start:
+            fn(trial)
+        params = {p.name: suggest(trial, p) for p in self.cfg.space}
+        out_dir = run_dir(trial.study.study_name, trial.number)
+        resume = self._prepare_run_dir(trial, out_dir)
+        train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir)
+        trial.set_user_attr("run_dir", str(out_dir))
+        trial.set_user_attr("n_params", _n_params(train_cfg))
+        log.info(
+            "trial %d %s: %s",
+            trial.number,
+            "resumes" if resume else "starts",
+            ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
+        )
+        callback = PruningCallback(trial, self.cfg.truncation.eval_every, self.stop)
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        try:
+            result = trainer.fit(train_cfg, [callback], resume=resume)
+        except optuna.TrialPruned as e:
+            log.info("trial %d pruned: %s", trial.number, e)
+            _drop_checkpoints(out_dir)  # a pruned trial is never resumed
+            raise
+        except TrainingFailed as e:  # the retry (made first) must not inherit the reason
+            if e.retryable:
+                log.warning("trial %d failed (%s), retrying: %s", trial.number, e.reason, e)
+                _enqueue_retry(trial, bounded=True)
+            else:
+                log.warning("trial %d failed (%s), not retried: %s", trial.number, e.reason, e)
+                _drop_checkpoints(out_dir)
+            trial.set_user_attr("fail_reason", e.reason)
+            trial.set_user_attr("fail_message", str(e))
+            raise
+        except WorkerStopped as e:
+            log.info("trial %d %s: checkpoint saved, re-enqueued for retry", trial.number, e)
+            _enqueue_retry(trial, bounded=False)
+            trial.set_user_attr("fail_reason", "stopped")
+            raise
+        finally:
+            self._record(trial, out_dir, callback.history, wall0, cpu0)
+        for key, value in {
+            "val_loss": result.val_loss,
+            "best_val_loss": result.best_val_loss,
+            "best_step": result.best_step,
+            "steps": result.steps,
+            "tokens": result.tokens,
+            "checkpoint": result.checkpoint,
+            "checkpoint_sha256": result.checkpoint_sha256,
+            "stopped_by": result.stopped_by,
+        }.items():
+            trial.set_user_attr(key, value)
+        log.info("trial %d complete: BLEU-4 %.2f", trial.number, result.bleu)
+        return result.bleu
+
+    def _prepare_run_dir(self, trial: optuna.Trial, out_dir: Path) -> bool:
+        """Fill ``out_dir`` for this trial; True when there is a checkpoint to resume."""
+        if out_dir.exists():  # left by an earlier study of the same name
+            log.warning("removing %s (left by an earlier study named the same)", out_dir)
+            shutil.rmtree(out_dir)
+        history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+        if not history:
+            return False
+        for number in reversed(history):  # the newest attempt with a verified checkpoint
+            source = run_dir(trial.study.study_name, number)
+            if source.exists() and latest_checkpoint(source) is not None:
+                shutil.copytree(source, out_dir)
+                trial.set_user_attr("resumed_from", number)
+                # the evals before the checkpoint, so the trial's BLEU-4 curve is whole
+                for m in _read_metrics(out_dir):
+                    trial.report(
+                        float(m["bleu"]), math.ceil(m["step"] / self.cfg.truncation.eval_every)
+                    )
+                return True
+        trial.set_user_attr("resumed_from", None)  # retried, but from scratch
+        return False
+
+    def _record(
+        self,
+        trial: optuna.Trial,
+        out_dir: Path,
+        history: list[dict[str, float]],
+        wall0: float,
+        cpu0: float,
+    ) -> None:
+        """Compute used by this attempt, and the eval curve (the whole run's: a resumed
+        trial's metrics.jsonl holds the evals before the checkpoint too)."""
+        wall = time.perf_counter() - wall0
+        trial.set_user_attr("device", self.device)
+        trial.set_user_attr("wall_seconds", round(wall, 1))
+        trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu0, 1))
+        if self.device == "cuda":
+            trial.set_user_attr("gpu_seconds", round(wall, 1))  # one GPU per worker
+        history = _read_metrics(out_dir) or history
+        if history:
+            trial.set_user_attr("curve", _curve(history))
+            last = history[-1]
+            trial.set_user_attr("val_loss", last["val_loss"])
+            trial.set_user_attr("tokens_per_s", round(last["tokens_per_s"], 1))
+
+
+def _read_metrics(out_dir: Path) -> list[dict[str, float]]:
+    """``trainer.fit``'s metrics.jsonl: one line per eval of the run (resumed runs included)."""
+    path = out_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _curve(history: list[dict[str, float]]) -> dict[str, list[float]]:
+    """The eval history as columns, rounded: compact enough for a user attribute."""
+    keys = ("step", "train_loss", "val_loss", "bleu", "lr")
+    return {k: [round(float(m[k]), 6) for m in history] for k in keys if k in history[0]}
+
+
+def _n_params(cfg: TrainConfig) -> int:
+    """Non-embedding parameters (what the report calls "86 M"), counted on the meta device."""
+    import torch
+
+    from trainer.model import DecoderLM
+
+    with torch.device("meta"):
+        return DecoderLM(cfg.model, cfg.data.vocab_size, pad_id=0).param_counts()["non_embedding"]
+
+
+def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> None:
+    """Re-enqueue ``trial`` the way a stale trial is (same params, ``retry_history``), so it
+    resumes from its checkpoint. ``bounded``: under the storage's retry limit (a failure
+    that may repeat); otherwise always (an orderly stop such as SIGTERM)."""
+    storage = trial.storage
+    stale_callback = getattr(storage, "get_heartbeat_stale_trial_callback", None)
+    callback = stale_callback() if bounded and stale_callback is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        (callback or RetryHeartbeatStaleTrialCallback())(
+            trial.study, storage.get_trial(trial._trial_id)
+        )
+
+
+def _drop_checkpoints(out_dir: Path) -> None:
+    """Checkpoints of a trial that will never resume are dead weight (GBs at report size);
+    the metrics and config files stay."""
+    for path in [*out_dir.glob("ckpt_*.pt"), out_dir / "manifest.json"]:
+        path.unlink(missing_ok=True)
+
+
+def _short(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)

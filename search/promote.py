@@ -1,0 +1,111 @@
+"""``amt-search promote``: trial N's parameters on the full-run recipe, as a TrainConfig YAML,
+optionally trained right away with ``amt-train`` (``torchrun`` over several GPUs)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from optuna.trial import TrialState
+
+from search.config import full_run_dict
+from search.errors import SearchError
+from search.study import load_study
+from storage import mask_url, resolve_url
+from storage.checkpoints import latest_checkpoint
+from storage.paths import state_dir
+from trainer.config import apply_overrides, config_from_dict, config_to_dict
+
+__all__ = ["promote", "train_command"]
+
+log = logging.getLogger(__name__)
+
+
+def promote(
+    study_name: str,
+    trial_number: int,
+    storage_url: str | None = None,
+    out: str | Path | None = None,
+) -> Path:
+    """Write the full-run config for trial ``trial_number`` (the study's own numbering) and
+    return its path (default ``<study>-trial-<N>.yaml`` in the current directory).
+
+    The config is the study's recipe (base config + overrides, no truncation) with the
+    trial's parameters and their derived keys; ``meta`` records the study, the trial, its
+    BLEU-4 and the storage (password masked); ``train.out_dir`` is
+    ``<state dir>/runs/<study>/full-trial-<N>``.
+
+    Raises:
+        SearchError: unknown study, or the trial is not a complete trial of it (the message
+            lists the complete ones).
+    """
+    url = resolve_url(storage_url)
+    study, cfg = load_study(study_name, url)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    complete = sorted(n for n, t in trials.items() if t.state == TrialState.COMPLETE)
+    valid = ", ".join(map(str, complete)) or "none yet"
+    if trial_number not in trials:
+        raise SearchError(
+            f"trial {trial_number} is not in study '{study_name}' "
+            f"({len(trials)} trials; complete: {valid})"
+        )
+    trial = trials[trial_number]
+    if trial.state != TrialState.COMPLETE:
+        raise SearchError(
+            f"trial {trial_number} of study '{study_name}' is {trial.state.name}, not COMPLETE "
+            f"(complete: {valid})"
+        )
+    out_dir = state_dir() / "runs" / study_name / f"full-trial-{trial_number}"
+    meta = {
+        "study": study_name,
+        "trial": trial_number,
+        "trial_bleu4": trial.value,
+        "params": dict(trial.params),
+        "storage": mask_url(url),
+    }
+    recipe = apply_overrides(
+        full_run_dict(cfg, dict(trial.params)),
+        {"name": f"{study_name}-trial-{trial_number}", "train.out_dir": str(out_dir)},
+    )
+    # every key written out: the file keeps its meaning if a default changes later
+    raw = config_to_dict(config_from_dict(recipe))
+    raw["meta"] = {**raw["meta"], **meta}
+    path = Path(out) if out is not None else Path(f"{study_name}-trial-{trial_number}.yaml")
+    header = (
+        f"# Full run of trial {trial_number} of study {study_name} (BLEU-4 {trial.value:.2f} on "
+        "the truncated budget).\n# Written by 'amt-search promote': the study's recipe + the "
+        "trial's parameters, no truncation.\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    tmp.replace(path)
+    log.info("wrote %s (run directory %s)", path, out_dir)
+    return path
+
+
+def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, str]]:
+    """``amt-train --config FILE`` (``--resume`` when its run directory holds a checkpoint),
+    under ``torchrun --nproc-per-node N`` for N > 1 GPUs; and its environment."""
+    out_dir = Path(yaml.safe_load(config.read_text())["train"]["out_dir"])
+    args = ["-m", "trainer.cli", "--config", str(config)]
+    if out_dir.exists() and latest_checkpoint(out_dir) is not None:
+        args.append("--resume")
+    if len(gpus) > 1:
+        runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(gpus)}"]
+        cmd = [sys.executable, *runner, *args]
+    else:
+        cmd = [sys.executable, *args]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
+    return cmd, env
+
+
+def run_training(config: Path, gpus: list[int]) -> int:
+    cmd, env = train_command(config, gpus)
+    where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
+    log.info("training on %s: %s", where, " ".join(cmd))
+    return subprocess.call(cmd, env=env)

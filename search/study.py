@@ -1,0 +1,217 @@
+"""Create and load studies. The whole search config lives with the study in the database.
+
+``create_study`` stores the validated :class:`~search.config.SearchConfig` (base recipe
+included) as a study system attribute, so a worker anywhere needs only the study name and
+the storage URL; ``load_study`` rebuilds the sampler and pruner from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from search.config import SearchConfig, search_config_from_dict, search_config_to_dict
+from search.errors import SearchError
+from storage import mask_url, open_storage
+
+__all__ = [
+    "CONFIG_ATTR",
+    "TrialCounts",
+    "count_trials",
+    "create_study",
+    "load_study",
+    "make_pruner",
+    "make_sampler",
+    "open_worker_storage",
+]
+
+log = logging.getLogger(__name__)
+
+CONFIG_ATTR = "amt_search:config"  # study system attribute holding search_config_to_dict(cfg)
+
+
+def create_study(
+    search_cfg: SearchConfig,
+    storage_url: str | None = None,
+    study_name: str | None = None,
+    skip_if_exists: bool = False,
+) -> optuna.Study:
+    """Create the schema and the study, store the config, enqueue ``search_cfg.enqueue``.
+
+    The enqueued warm starts become trials 0, 1, 2 ... and run before any sampled trial.
+
+    Raises:
+        SearchError: the study exists (unless ``skip_if_exists``: then it is returned as it
+            is, nothing enqueued again).
+        StorageError: the storage cannot be opened.
+    """
+    cfg = search_cfg if study_name is None else dataclasses.replace(search_cfg, name=study_name)
+    storage = _open(storage_url, cfg)
+    try:
+        study = optuna.create_study(
+            study_name=cfg.name,
+            storage=storage,
+            direction=cfg.direction,
+            sampler=make_sampler(cfg),
+            pruner=make_pruner(cfg),
+        )
+    except optuna.exceptions.DuplicatedStudyError:
+        if skip_if_exists:
+            log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
+            return load_study(cfg.name, storage)[0]
+        raise SearchError(
+            f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
+            "--study-name, pass --skip-if-exists to reuse it, or delete it "
+            "(optuna delete-study)"
+        ) from None
+    storage.set_study_system_attr(study._study_id, CONFIG_ATTR, search_config_to_dict(cfg))
+    for params in cfg.enqueue:
+        study.enqueue_trial(dict(params), user_attrs={"warm_start": True})
+    log.info(
+        "created study %s (%s): %d parameters, %d warm starts enqueued",
+        cfg.name,
+        _where(storage_url),
+        len(cfg.space),
+        len(cfg.enqueue),
+    )
+    return study
+
+
+def load_study(
+    name: str,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    *,
+    worker_index: int = 0,
+) -> tuple[optuna.Study, SearchConfig]:
+    """The study ``name`` with its sampler (seeded ``seed + worker_index``) and pruner.
+
+    ``storage`` is a URL (None: ``$AMT_STORAGE_URL`` or the embedded server) or an open
+    storage, e.g. from :func:`open_worker_storage`.
+
+    Raises:
+        SearchError: no such study (the message lists the existing ones), or the study was
+            not made by ``amt-search create-study`` (no stored config).
+    """
+    rdb = storage if isinstance(storage, optuna.storages.BaseStorage) else open_storage(storage)
+    cfg = _stored_config(rdb, name)
+    study = optuna.load_study(
+        study_name=name,
+        storage=rdb,
+        sampler=make_sampler(cfg, worker_index),
+        pruner=make_pruner(cfg),
+    )
+    return study, cfg
+
+
+def open_worker_storage(name: str, storage_url: str | None = None) -> Any:
+    """The storage opened with study ``name``'s heartbeat interval and grace period."""
+    return _open(storage_url, _stored_config(open_storage(storage_url), name))
+
+
+def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
+    names = sorted(s.study_name for s in rdb.get_all_studies())
+    if name not in names:
+        known = ", ".join(names) if names else "none"
+        raise SearchError(
+            f"no study named '{name}' in the storage (studies: {known}) — "
+            "create it with 'amt-search create-study'"
+        )
+    attrs = rdb.get_study_system_attrs(rdb.get_study_id_from_name(name))
+    if CONFIG_ATTR not in attrs:
+        raise SearchError(
+            f"study '{name}' has no amt-search config (not made by 'amt-search create-study')"
+        )
+    return search_config_from_dict(attrs[CONFIG_ATTR])
+
+
+def make_sampler(cfg: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    s = cfg.sampler
+    seed = None if s.seed is None else s.seed + worker_index
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():  # multivariate and constant_liar are "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=seed,
+            multivariate=s.multivariate,
+            constant_liar=s.constant_liar,
+            n_startup_trials=s.n_startup_trials,
+        )
+
+
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    """Pruners count resources in evaluations: a trial's k-th eval is reported at step k."""
+    p = cfg.pruner
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource,
+            max_resource=cfg.pruner_max_resource,
+            reduction_factor=p.reduction_factor,
+        )
+    if p.type == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+        )
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_evals
+        )
+    return optuna.pruners.NopPruner()
+
+
+def _open(storage_url: str | None, cfg: SearchConfig) -> Any:
+    return open_storage(
+        storage_url,
+        heartbeat_interval=cfg.heartbeat_interval_s,
+        grace_period=cfg.grace_period_s,
+    )
+
+
+def _where(storage_url: str | None) -> str:
+    from storage import resolve_url
+
+    return mask_url(resolve_url(storage_url))
+
+
+@dataclass(frozen=True)
+class TrialCounts:
+    """Trials of a study counted once per retry chain.
+
+    A trial that failed and was retried (stale heartbeat, SIGTERM) is *superseded* by its
+    retry and not counted; the chain counts with its newest member's state.
+    """
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+    @property
+    def started(self) -> int:
+        """Finished + running: what counts against ``n_trials`` when deciding to start one."""
+        return self.finished + self.running
+
+
+def count_trials(trials: list[optuna.trial.FrozenTrial]) -> TrialCounts:
+    superseded = {
+        t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")
+    }
+    states = [t.state for t in trials if t.number not in superseded]
+    s = optuna.trial.TrialState
+    return TrialCounts(
+        complete=states.count(s.COMPLETE),
+        pruned=states.count(s.PRUNED),
+        failed=states.count(s.FAIL),
+        running=states.count(s.RUNNING),
+        waiting=states.count(s.WAITING),
+    )

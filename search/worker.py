@@ -1,0 +1,194 @@
+"""``amt-search worker``: one process, one GPU (or the CPU), trials until the study is done.
+
+The worker runs one trial at a time through ``study.optimize`` (so Optuna's heartbeat
+thread runs and stale trials of dead workers are failed and re-enqueued before each trial).
+The study's ``n_trials`` counts finished trials over the whole study, one per retry chain
+(:func:`search.study.count_trials`): complete, pruned and failed-for-good alike, so a
+study of NaN-prone trials still ends. Deciding to start a trial and creating it happen
+under a PostgreSQL advisory lock, so parallel workers never overshoot ``n_trials``.
+
+A worker leaves when the study has ``n_trials`` finished trials or ``timeout_s`` has passed
+since the study's first trial started; while the last trials run elsewhere it waits, so it
+can pick up a retry if one of them dies. SIGTERM (or Ctrl-C): the running trial saves a
+checkpoint at its next optimiser step, is re-enqueued for retry, and the worker exits 0.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+import zlib
+from types import FrameType
+from typing import Any
+
+import optuna
+from sqlalchemy import text
+
+from search.config import SearchConfig
+from search.objective import Objective, WorkerStopped
+from search.study import count_trials, load_study, open_worker_storage
+from trainer.errors import TrainingFailed
+
+__all__ = ["next_action", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+
+def run_worker(
+    study_name: str,
+    *,
+    gpu: int | None,
+    storage_url: str | None = None,
+    n_trials: int | None = None,
+    worker_index: int | None = None,
+) -> int:
+    """Run trials of ``study_name`` on GPU ``gpu`` (None: CPU) until the study is done,
+    ``n_trials`` trials of this worker ran, or SIGTERM. Returns the exit status (0).
+
+    ``CUDA_VISIBLE_DEVICES`` is set here, before anything initialises CUDA; the process
+    keeps its prepared data and CUDA context across trials.
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    index = worker_index if worker_index is not None else (gpu or 0)
+    storage = open_worker_storage(study_name, storage_url)
+    study, cfg = load_study(study_name, storage, worker_index=index)
+    stop = threading.Event()
+    _handle_signals(stop)
+    _quiet_optuna()
+    objective = Objective(cfg, stop, device="cpu" if gpu is None else "cuda")
+    lock = StartLock(storage, study_name)
+    objective.on_trial_start.append(lambda trial: lock.release())
+    where = "CPU" if gpu is None else f"GPU {gpu}"
+    log.info("worker %d on %s: study %s", index, where, study_name)
+    ran = 0
+    while not stop.is_set():
+        if n_trials is not None and ran >= n_trials:
+            log.info("ran %d trials (--n-trials): leaving", ran)
+            break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # dead workers' trials -> retries
+        lock.acquire()
+        try:
+            action = next_action(study, cfg)
+            if action == "run":
+                study.optimize(objective, n_trials=1, catch=(TrainingFailed,))
+                ran += 1
+                continue
+        except WorkerStopped:
+            break
+        finally:
+            lock.release()
+        if action == "done":
+            break
+        stop.wait(min(5.0, cfg.heartbeat_interval_s))  # the last trials run elsewhere
+    counts = count_trials(study.get_trials(deepcopy=False))
+    log.info(
+        "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, %d running",
+        index,
+        ran,
+        counts.complete,
+        counts.pruned,
+        counts.failed,
+        counts.running,
+    )
+    return 0
+
+
+def next_action(study: optuna.Study, cfg: SearchConfig) -> str:
+    """``run`` a trial, ``wait`` (the last trials run elsewhere and may need a retry) or
+    ``done``."""
+    trials = study.get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    if cfg.timeout_s is not None:
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        if starts and _elapsed_s(min(starts)) >= cfg.timeout_s:
+            log.info("study timeout (%.0f s since its first trial) reached", cfg.timeout_s)
+            return "done"
+    if counts.waiting:
+        return "run"
+    if cfg.n_trials is None or counts.started < cfg.n_trials:
+        return "run"
+    return "done" if counts.finished >= cfg.n_trials else "wait"
+
+
+def _elapsed_s(start: datetime.datetime) -> float:
+    return (datetime.datetime.now() - start).total_seconds()
+
+
+class StartLock:
+    """A PostgreSQL session advisory lock per study, held from "is there budget left?" until
+    the trial exists. ``pg_try_advisory_lock`` in a loop: a stopped (SIGSTOP) holder cannot
+    block the others for more than ``timeout_s``; after that they go on without it."""
+
+    def __init__(self, storage: Any, study_name: str, timeout_s: float = 30.0) -> None:
+        engine = getattr(storage, "engine", None)
+        self.engine = (
+            engine if engine is not None and engine.dialect.name == "postgresql" else None
+        )
+        self.key = zlib.crc32(f"amt-search:{study_name}".encode())
+        self.timeout_s = timeout_s
+        self.conn: Any = None
+
+    def acquire(self) -> None:
+        if self.engine is None:
+            return
+        conn = self.engine.connect()
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
+            conn.commit()
+            if got:
+                self.conn = conn
+                return
+            if time.monotonic() > deadline:
+                log.warning("start lock busy for %.0f s: going on without it", self.timeout_s)
+                conn.close()
+                return
+            time.sleep(0.2)
+
+    def release(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
+            conn.commit()
+            conn.close()
+        except Exception:  # the server went away: the lock went with the session
+            conn.invalidate()
+
+
+def _handle_signals(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: stop now, without saving
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        log.info("%s: saving the running trial and leaving", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+class _ExpectedFailures(logging.Filter):
+    """Optuna logs every failed trial with a traceback; ours are logged by the objective."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (TrainingFailed, WorkerStopped)):
+            return False
+        return "failed with value None" not in record.getMessage()
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the worker logs trials itself
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()  # one log format for everything
+    logging.getLogger("optuna.study._optimize").addFilter(_ExpectedFailures())

@@ -1,0 +1,138 @@
+"""search.config: YAML -> SearchConfig, every bad input named by its key path."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from search.config import (
+    load_search_config,
+    search_config_from_dict,
+    search_config_to_dict,
+    trial_train_config,
+)
+from tests.search.conftest import tiny_search, tiny_train
+from trainer.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _raw(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = copy.deepcopy(tiny_search())
+    raw["base_train"] = tiny_train(tmp_path)
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("|")  # '|' separates levels: keys contain dots
+        for p in parents:
+            node = node[p]
+        if value is _DELETE:
+            del node[last]
+        else:
+            node[last] = value
+    return raw
+
+
+_DELETE = object()
+
+BAD = [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"name": _DELETE}, "name is required"),
+    ({"name": "has space"}, "name 'has space'"),
+    ({"truncation": _DELETE}, "truncation is required"),
+    ({"truncation|max_steps": 0}, "truncation.max_steps must be > 0"),
+    ({"truncation|eval_every": 80}, "truncation.eval_every=80 is larger than"),
+    ({"truncation|warmup": 1.5}, "truncation.warmup must be a fraction"),
+    ({"truncation|speed": 1}, "unknown key 'truncation.speed'"),
+    ({"truncation|overrides": {"train.max_steps": 5}}, "truncation.overrides.train.max_steps"),
+    ({"sampler|type": "grid"}, "sampler.type must be one of"),
+    ({"pruner|type": "patient"}, "pruner.type must be one of"),
+    ({"pruner|reduction_factor": 1}, "pruner.reduction_factor must be >= 2"),
+    ({"pruner|max_resource": 9}, "pruner.max_resource=9 exceeds the 5 evals"),
+    ({"n_trials": _DELETE}, "set n_trials, timeout_s or both"),
+    ({"n_trials": 2}, "enqueue lists 3 trials but n_trials is 2"),
+    ({"grace_period_s": 3}, "grace_period_s=3 must be at least"),
+    ({"space": {}}, "space is empty"),
+    ({"space|optim.lr|low": 0.5}, "space.optim.lr: low (0.5) > high (0.03)"),
+    ({"space|optim.lr|low": 0.0}, "space.optim.lr: a log-scale range needs low > 0"),
+    ({"space|optim.lr|type": "bool"}, "space.optim.lr.type must be one of"),
+    ({"space|optim.lr|high": _DELETE}, "space.optim.lr.high is required"),
+    ({"space|optim.lr|choices": [1]}, "space.optim.lr.choices: only a categorical"),
+    ({"space|optim.lr|step": 0.01}, "space.optim.lr: step and log cannot be combined"),
+    ({"space|optim.lr|scale": "log"}, "unknown key 'space.optim.lr.scale'"),
+    ({"space|model.d_model|choices": []}, "space.model.d_model.choices must be a non-empty"),
+    ({"space|model.d_model|choices": [32, "big"]}, "space.model.d_model.choices[1] must be"),
+    ({"space|model.d_model|choices": [32, 64, 40]},
+     "choice 40 is not a multiple of derive.head_dim"),
+    ({"space|model.d_model|low": 32}, "space.model.d_model.low: a categorical parameter"),
+    ({"space|optim.lrate": {"type": "float", "low": 1, "high": 2}},
+     "space.optim.lrate: 'optim.lrate' is not a TrainConfig key (keys of optim:"),
+    ({"space|modle.n_layers": {"type": "int", "low": 1, "high": 2}},
+     "'modle.n_layers' is not a TrainConfig key (keys of TrainConfig:"),
+    ({"space|model": {"type": "int", "low": 1, "high": 2}}, "'model' is a section"),
+    ({"space|train.max_steps": {"type": "int", "low": 1, "high": 2}},
+     "space.train.max_steps: set by the truncation budget"),
+    ({"space|model.n_layers|type": "float"}, "model.n_layers is not a float in TrainConfig"),
+    ({"space|optim.label_smoothing": {"type": "float", "low": 0.0, "high": 1.0}},
+     "space.optim.label_smoothing.high=1.0: optim.label_smoothing must be in [0, 1)"),
+    ({"space|optim.warmup": {"type": "float", "low": 0.0, "high": 500.0}},
+     "space.optim.warmup: trials compress the schedule"),
+    ({"space|model.norm": {"type": "categorical", "choices": ["pre", "mid"]}},
+     "space.model.norm.choices[1] must be one of"),
+    ({"enqueue": [{"optim.learning_rate": 1e-3}]},
+     "enqueue[0].optim.learning_rate: not a searched"),
+    ({"enqueue": [{"optim.lr": 0.5}]}, "enqueue[0].optim.lr=0.5 is outside space.optim.lr"),
+    ({"enqueue": [{"model.d_model": 48}]}, "enqueue[0].model.d_model=48 is outside"),
+    ({"enqueue": [{}]}, "enqueue[0] must be a non-empty mapping"),
+    ({"overrides": {"optim.lr": 1e-3}}, "overrides.optim.lr is also searched"),
+    ({"overrides": {"model.colour": 1}}, "base_config + overrides: unknown key 'model.colour'"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD, ids=[m for _, m in BAD])
+def test_bad_config_names_the_key(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        search_config_from_dict(_raw(tmp_path, **changes))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_yaml_files_report_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: x\nspace: [\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml: line \d+"):
+        load_search_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_search_config(tmp_path / "missing.yaml")
+    raw = tiny_search()
+    raw["base_config"] = "nope.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="base_config: config file not found: .*nope.yaml"):
+        load_search_config(bad)
+
+
+@pytest.mark.parametrize("name", ["search.yaml", "quickstart.yaml"])
+def test_shipped_configs_load_and_round_trip(name: str) -> None:
+    cfg = load_search_config(REPO / "configs" / name)
+    again = search_config_from_dict(json.loads(json.dumps(search_config_to_dict(cfg))))
+    assert again == cfg
+    assert len(cfg.enqueue) == 3 and cfg.pruner.type == "hyperband" and cfg.sampler.constant_liar
+    searched = {p.name for p in cfg.space}
+    assert {"model.n_layers", "model.d_model", "optim.lr", "optim.warmup", "model.drop_path",
+            "optim.label_smoothing", "model.dropout", "optim.layer_lr_decay",
+            "optim.weight_decay"} <= searched
+
+
+def test_report_trials_and_derived_shape() -> None:
+    cfg = load_search_config(REPO / "configs" / "search.yaml")
+    shapes = [(e["model.n_layers"], e["model.d_model"], e["optim.lr"]) for e in cfg.enqueue]
+    assert shapes == [(12, 768, 2e-4), (16, 768, 1e-4), (12, 512, 3e-4)]
+    t = trial_train_config(cfg, dict(cfg.enqueue[2]), out_dir="/tmp/x")
+    assert (t.model.n_heads, t.model.d_ff) == (8, 2048)  # d_model / 64, 4 * d_model
+    # truncation: the budget, the compressed schedule; the rest is the report's recipe
+    assert (t.train.max_steps, t.train.eval_every, t.optim.warmup) == (600, 100, 0.1)
+    assert t.train.out_dir == "/tmp/x" and t.train.grad_accum == 8 and t.optim.beta2 == 0.95

@@ -1,0 +1,205 @@
+"""create-study, load, the leaderboard, promote's config and the worker's trial handling, on
+real PostgreSQL. Training is replaced by a fake ``trainer.fit`` here (test_e2e trains)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+
+import trainer
+from search import leaderboard
+from search.cli import main
+from search.config import load_search_config
+from search.errors import SearchError
+from search.promote import promote
+from search.study import CONFIG_ATTR, count_trials, create_study, load_study
+from search.worker import run_worker
+from storage.checkpoints import latest_checkpoint, save_checkpoint
+from trainer.config import TrainConfig, load_config
+from trainer.errors import TrainingFailed
+from trainer.loop import FitResult
+
+pytestmark = pytest.mark.usefixtures("storage_url")
+
+
+def test_create_study_stores_config_and_enqueues_report_trials_first(
+    write_search: Callable[..., Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["create-study", "--config", str(write_search())]) == 0
+    study, cfg = load_study("tiny")
+    stored = study._storage.get_study_system_attrs(study._study_id)[CONFIG_ATTR]
+    assert stored["name"] == "tiny" and stored["base_train"]["model"]["d_model"] == 32
+    assert cfg == load_search_config(write_search())
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.number for t in waiting] == [0, 1, 2]
+    assert [leaderboard.trial_params(t) for t in waiting] == [dict(e) for e in cfg.enqueue]
+
+    assert main(["create-study", "--config", str(write_search())]) == 2
+    assert "study 'tiny' already exists" in capsys.readouterr().err
+    assert main(["create-study", "--config", str(write_search()), "--skip-if-exists"]) == 0
+    assert len(load_study("tiny")[0].trials) == 3  # nothing enqueued twice
+    assert main(["create-study", "--config", str(write_search()), "--study-name", "t2"]) == 0
+    assert load_study("t2")[1].name == "t2"
+
+
+def test_unknown_study_lists_the_existing_ones(write_search: Callable[..., Path]) -> None:
+    create_study(load_search_config(write_search()))
+    with pytest.raises(SearchError, match=r"no study named 'nope' .*\(studies: tiny\)"):
+        load_study("nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker, with a fake trainer.fit
+
+NAN_LR = 0.5  # an enqueued trial with this LR "diverges"
+SIGTERM_LR = 0.25  # ... and with this one the worker gets SIGTERM at its second eval
+
+
+def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]:
+    """Evaluates every eval_every steps (BLEU grows with d_model and steps), checkpoints
+    each eval, calls the callbacks as trainer.fit does."""
+
+    def fit(cfg: TrainConfig, callbacks: Any = (), *, resume: bool = False) -> FitResult:
+        calls.append((cfg, resume))
+        if cfg.optim.lr == NAN_LR:
+            raise TrainingFailed("non-finite loss at step 3", reason="nan_loss")
+        out = Path(cfg.train.out_dir)
+        ckpt = latest_checkpoint(out) if resume else None
+        start = int(ckpt.stem.split("_")[1]) if ckpt else 0
+        history = []
+        for step in range(start + cfg.train.eval_every, cfg.train.max_steps + 1,
+                          cfg.train.eval_every):
+            m = {"step": step, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3,
+                 "tokens_per_s": 100.0, "bleu": cfg.model.d_model * step / 100}
+            history.append(m)
+            save_checkpoint(out, step, {"step": torch.tensor(step)})
+            if cfg.optim.lr == SIGTERM_LR and step == 2 * cfg.train.eval_every and not resume:
+                os.kill(os.getpid(), signal.SIGTERM)
+            for cb in callbacks:
+                cb.on_eval(step, dict(m))
+                cb.on_step(step)
+        last = history[-1]
+        return FitResult(bleu=last["bleu"], val_loss=1.0, best_val_loss=1.0, best_step=step,
+                         steps=step, tokens=step * 10, tokens_per_s=100.0, wall_s=1.0,
+                         history=history, checkpoint=str(latest_checkpoint(out)),
+                         checkpoint_sha256="0" * 64, stopped_by="budget")
+
+    return fit
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_worker_nan_fails_for_good_sigterm_retries_and_resumes(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[TrainConfig, bool]] = []
+    monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
+    enqueue = [{"optim.lr": SIGTERM_LR}, {"optim.lr": NAN_LR}, {"optim.lr": 3e-3}]
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True},
+             "model.d_model": {"type": "categorical", "choices": [32, 64]}}
+    path = write_search(enqueue=enqueue, space=space, n_trials=5)
+    create_study(load_search_config(path))
+
+    # SIGTERM during trial 0: it saves, is re-enqueued, the worker leaves with 0
+    assert run_worker("tiny", gpu=None) == 0
+    study, _ = load_study("tiny")
+    t0 = study.trials[0]
+    assert t0.state == TrialState.FAIL and t0.user_attrs["fail_reason"] == "stopped"
+    retry = study.trials[-1]
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+    assert len(t0.intermediate_values) == 2
+
+    # the next worker: NaN fails for good and is not retried; the retry resumes; the rest
+    assert run_worker("tiny", gpu=None) == 0
+    trials = {t.number: t for t in load_study("tiny")[0].trials}
+    resumed = trials[retry.number]
+    assert resumed.state == TrialState.COMPLETE and resumed.user_attrs["resumed_from"] == 0
+    # fit(resume=True) on the retry's own run directory, a copy of trial 0's
+    assert [r for c, r in calls if c.train.out_dir.endswith(f"trial-{retry.number}")] == [True]
+    assert min(resumed.intermediate_values) == 3  # continued after trial 0's eval 2
+    assert trials[1].state == TrialState.FAIL
+    assert trials[1].user_attrs["fail_reason"] == "nan_loss"
+    assert not any(t.system_attrs.get("failed_trial") == 1 for t in trials.values())
+    counts = count_trials(list(trials.values()))
+    assert (counts.finished, counts.failed, counts.running, counts.waiting) == (5, 1, 0, 0)
+    assert len(trials) == 6  # 5 chains, one of them retried once: exactly n_trials
+    done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
+    for t in done:
+        assert {"val_loss", "curve", "cpu_seconds", "n_params", "checkpoint",
+                "checkpoint_sha256", "best_step", "tokens_per_s"} <= set(t.user_attrs)
+
+
+# ---------------------------------------------------------------------------------------------
+# leaderboard and promote on hand-made trials
+
+
+def _add(study: optuna.Study, params: dict[str, Any], state: TrialState,
+         value: float | None = None, inter: dict[int, float] | None = None) -> None:
+    dists = {
+        "model.n_layers": optuna.distributions.IntDistribution(1, 2),
+        "model.d_model": optuna.distributions.CategoricalDistribution([32, 64]),
+        "optim.lr": optuna.distributions.FloatDistribution(1e-3, 3e-2, log=True),
+    }
+    study.add_trial(optuna.trial.create_trial(
+        params=params, distributions=dists, state=state, value=value,
+        intermediate_values=inter or {}, user_attrs={"cpu_seconds": 12.5},
+    ))
+
+
+def test_leaderboard_formats_and_promote(
+    write_search: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    create_study(load_search_config(write_search(enqueue=[])))
+    study, cfg = load_study("tiny")
+    _add(study, {"model.n_layers": 2, "model.d_model": 64, "optim.lr": 2e-3},
+         TrialState.COMPLETE, 9.5, {1: 3.0, 5: 9.5})
+    _add(study, {"model.n_layers": 1, "model.d_model": 32, "optim.lr": 1e-2},
+         TrialState.PRUNED, None, {1: 1.25})
+    _add(study, {"model.n_layers": 1, "model.d_model": 64, "optim.lr": 3e-3},
+         TrialState.COMPLETE, 11.0, {1: 4.0, 5: 11.0})
+
+    rows = leaderboard.trial_rows(study, cfg)
+    assert [r["trial"] for r in rows] == [2, 0, 1]
+    table = leaderboard.format_rows(rows, "table").splitlines()
+    assert table[0].split("|")[1:-1] == [
+        " Trial ", " Layers ", " Hidden ", " LR      ", " BLEU-4 ", " State    ", " Evals ",
+        " CPU-s ",
+    ]
+    assert "| 2     | 1      | 64     | 3.0e-03 | 11.00  | COMPLETE |" in table[2]
+    assert "(1.25)" in table[4] and "PRUNED" in table[4]
+    assert json.loads(leaderboard.format_rows(rows, "json"))[0]["params"]["optim.lr"] == 3e-3
+    assert leaderboard.format_rows(rows, "csv").splitlines()[0].startswith("trial,layers,hidden")
+
+    assert main(["best", "--study", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("best trial: 2 (BLEU-4 11.00)")
+    assert "promote --study tiny --trial 2" in out
+    assert main(["status", "--study", "tiny", "--format", "json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert (status["complete"], status["pruned"], status["best_trial"]) == (2, 1, 2)
+
+    path = promote("tiny", 2, out=tmp_path / "full.yaml")
+    full = load_config(path)
+    assert (full.model.n_layers, full.model.d_model, full.model.n_heads, full.optim.lr) == (
+        1, 64, 4, 3e-3)
+    assert full.train.max_steps == 60 and full.train.eval_every == 20  # no truncation
+    assert full.meta["study"] == "tiny" and full.meta["trial"] == 2
+    assert full.train.out_dir.endswith("runs/tiny/full-trial-2")
+    assert full.meta["storage"].startswith("postgresql")
+    assert yaml.safe_load(path.read_text())["meta"]["params"]["model.d_model"] == 64
+
+    with pytest.raises(SearchError, match=r"trial 7 is not in study 'tiny' .*complete: 0, 2"):
+        promote("tiny", 7)
+    with pytest.raises(SearchError, match=r"trial 1 .* is PRUNED, not COMPLETE"):
+        promote("tiny", 1)
+    assert main(["promote", "--study", "tiny", "--trial", "7"]) == 2
+    assert "amt-search: error: trial 7" in capsys.readouterr().err
