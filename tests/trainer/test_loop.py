@@ -1,0 +1,193 @@
+"""``fit`` end to end on the synthetic task (tests/trainer/synthetic.py), on CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from storage.checkpoints import latest_checkpoint, load_checkpoint
+from tests.trainer.synthetic import tiny_config, write_task
+from trainer import FitResult, fit
+from trainer.config import TrainConfig
+from trainer.data import prepare
+from trainer.errors import ConfigError, TrainingFailed
+from trainer.loop import token_losses
+from trainer.model import DecoderLM
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_task(tmp_path_factory.mktemp("task") / "task.tsv")
+
+
+def curve(result: FitResult) -> list[tuple[int, float, float, float]]:
+    return [(m["step"], m["train_loss"], m["val_loss"], m["bleu"]) for m in result.history]
+
+
+class StopAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.evals: list[int] = []
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.evals.append(step)
+        if step == self.step:
+            raise KeyboardInterrupt("stop")  # what SIGINT or a pruner would raise
+
+
+def test_learns_the_synthetic_translation_task(task: Path, tmp_path: Path) -> None:
+    # A copy of the source scores BLEU 0 (no source word is a target word) and predicting the
+    # most frequent words scores < 5; BLEU > 50 needs the word-by-word alignment learnt
+    # (this setup reaches ~75 in 300 steps, ~13 s).
+    cfg = tiny_config(task, tmp_path / "run", **{
+        "model.d_model": 128, "model.d_ff": 256, "model.dropout": 0.0, "model.drop_path": 0.0,
+        "optim.lr": 2e-3, "optim.label_smoothing": 0.0, "optim.layer_lr_decay": 1.0,
+        "train.tokens_per_batch": 1024, "train.grad_accum": 1, "train.max_steps": 300,
+        "train.eval_every": 100, "train.eval_subset": 40, "train.eval_max_new_tokens": 30,
+        "train.ema_decay": 0.99, "eval.ndd": True})
+    result = fit(cfg)
+    assert result.bleu > 50, result.history
+    assert result.history[-1]["ndd"] < 0.3
+    assert result.val_loss < result.history[0]["val_loss"]
+    assert result.stopped_by == "budget" and result.steps == 300
+    assert "tok:13a" in result.bleu_signature
+
+
+def test_run_directory_files(task: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(task, tmp_path / "run")
+    result = fit(cfg)
+    out = tmp_path / "run"
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [4, 8, 12]
+    keys = {"step", "tokens", "train_loss", "val_loss", "bleu", "lr", "tokens_per_s",
+            "elapsed_s"}
+    assert all(keys <= set(m) for m in lines)
+    assert lines == result.history
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["bleu"] == result.bleu and saved["params"]["non_embedding"] > 0
+    assert (out / "config.yaml").read_text().startswith("name:")
+    assert result.checkpoint == str(latest_checkpoint(out))
+    assert result.checkpoint_sha256 and len(result.checkpoint_sha256) == 64
+    with pytest.raises(ConfigError, match="train.out_dir"):  # no silent overwrite
+        fit(cfg)
+
+
+def test_same_seed_same_loss_curve(task: Path, tmp_path: Path) -> None:
+    a = fit(tiny_config(task, tmp_path / "a"))
+    b = fit(tiny_config(task, tmp_path / "b"))
+    assert curve(a) == curve(b)  # bit for bit
+    c = fit(tiny_config(task, tmp_path / "c", **{"train.seed": 7}))
+    assert curve(c) != curve(a)
+
+
+def test_interrupted_and_resumed_run_matches_uninterrupted(task: Path, tmp_path: Path) -> None:
+    """Evaluating every step makes the history the step-by-step loss curve."""
+    every_step = {"train.eval_every": 1, "train.eval_subset": 4, "train.eval_max_new_tokens": 4}
+    full = fit(tiny_config(task, tmp_path / "full", **every_step))
+    cfg = tiny_config(task, tmp_path / "cut", **every_step)
+    stopper = StopAt(5)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [stopper])
+    assert load_checkpoint(latest_checkpoint(tmp_path / "cut"))["progress"]["step"] == 5
+    resumed = fit(cfg, resume=True)
+    assert len(full.history) == 12
+    assert curve(resumed) == curve(full)
+    assert resumed.best_val_loss == full.best_val_loss and resumed.tokens == full.tokens
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 13))
+
+
+def test_on_step_raise_saves_then_resume_matches(task: Path, tmp_path: Path) -> None:
+    class StopStep:
+        def on_step(self, step: int) -> None:
+            if step == 6:
+                raise RuntimeError("SIGTERM")
+
+    full = fit(tiny_config(task, tmp_path / "full"))
+    cfg = tiny_config(task, tmp_path / "cut")
+    with pytest.raises(RuntimeError, match="SIGTERM"):
+        fit(cfg, [StopStep()])
+    assert load_checkpoint(latest_checkpoint(tmp_path / "cut"))["progress"]["step"] == 6
+    assert curve(fit(cfg, resume=True)) == curve(full)
+
+
+def test_ema_weights_differ_and_are_what_gets_evaluated(task: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(task, tmp_path / "run", **{"train.ema_decay": 0.9})
+    result = fit(cfg)
+    state = load_checkpoint(result.checkpoint)  # type: ignore[arg-type]
+    raw, ema = state["model"], state["ema"]
+    assert any(not torch.equal(raw[k], ema[k]) for k in raw)
+    data = prepare(cfg.data)
+    losses = {name: val_loss(cfg, data, weights) for name, weights in (("raw", raw), ("ema", ema))}
+    assert result.val_loss == pytest.approx(losses["ema"], rel=1e-6)
+    assert losses["raw"] != pytest.approx(losses["ema"], rel=1e-4)
+
+
+def val_loss(cfg: TrainConfig, data: Any, weights: dict[str, torch.Tensor]) -> float:
+    model = DecoderLM(cfg.model, data.vocab_size, data.pad_id)
+    model.load_state_dict(weights)
+    model.eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in data.batches(data.val[: cfg.train.eval_subset], cfg.train.tokens_per_batch,
+                              shuffle=False, seed=0, epoch=0):
+            total += float(token_losses(model(b.tokens, b.prefix_lens), b.targets, 0.0)[1])
+            n += b.n_target_tokens
+    return total / n
+
+
+def test_early_stopping(task: Path, tmp_path: Path) -> None:
+    # with a zero learning rate after warm-up nothing improves after the first evaluation
+    cfg = tiny_config(task, tmp_path / "run", **{
+        "optim.lr": 1e-9, "train.eval_every": 1, "train.eval_subset": 2,
+        "train.eval_max_new_tokens": 2, "train.early_stopping_patience": 2,
+        "train.ema_decay": 0.0, "model.dropout": 0.0, "model.drop_path": 0.0})
+    result = fit(cfg)
+    assert result.stopped_by == "early_stopping"
+    assert result.steps == result.best_step + 2 < 12
+
+
+def test_token_budget(task: Path, tmp_path: Path) -> None:
+    result = fit(tiny_config(task, tmp_path / "run", **{"train.max_tokens": 3000}))
+    assert result.stopped_by == "budget" and 3000 <= result.tokens < 3000 + 2 * 512
+    assert result.steps < 12 and result.history[-1]["step"] == result.steps
+
+
+def test_nan_loss_raises_training_failed(task: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    forward = DecoderLM.forward
+    calls = {"n": 0}
+
+    def poisoned(self: DecoderLM, tokens: torch.Tensor, prefix_lens: torch.Tensor
+                 ) -> torch.Tensor:
+        calls["n"] += 1
+        logits = forward(self, tokens, prefix_lens)
+        return logits * float("nan") if self.training and calls["n"] > 4 else logits
+
+    monkeypatch.setattr(DecoderLM, "forward", poisoned)
+    with pytest.raises(TrainingFailed) as info:
+        fit(tiny_config(task, tmp_path / "run"))
+    assert info.value.reason == "nan_loss" and "step 3" in str(info.value)
+
+
+def test_injected_oom_halves_the_micro_batch(task: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMT_INJECT_OOM", "3")
+    result = fit(tiny_config(task, tmp_path / "run", **{"train.max_steps": 6,
+                                                         "train.eval_every": 3}))
+    assert result.steps == 6 and result.micro_batch_tokens == 256
+
+
+def test_oom_at_the_smallest_micro_batch_fails(task: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AMT_INJECT_OOM", "2:99")  # every attempt of step 2
+    cfg = tiny_config(task, tmp_path / "run", **{"train.min_micro_batch_tokens": 128})
+    with pytest.raises(TrainingFailed) as info:
+        fit(cfg)
+    assert info.value.reason == "oom" and "128 tokens" in str(info.value)

@@ -1,0 +1,110 @@
+"""The decoder: parameter counts, masks, positions, drop-path, checkpointing, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.decode import generate
+from trainer.model import DecoderLM
+
+torch.set_num_threads(1)
+
+SMALL = dict(n_layers=2, d_model=32, n_heads=4, d_ff=64, max_len=64, dropout=0.0,
+             drop_path=0.0)
+VARIANTS = [
+    dict(positional=pos, attention_mask=mask, norm=norm)
+    for pos in ("rope", "sinusoidal") for mask in ("prefix", "causal") for norm in ("post", "pre")
+]
+
+
+def small(**kw: object) -> DecoderLM:
+    torch.manual_seed(0)
+    return DecoderLM(ModelConfig(**{**SMALL, **kw}), vocab_size=50, pad_id=0).eval()
+
+
+@pytest.mark.parametrize(("n_layers", "millions"), [(12, 85.05), (6, 42.53)])
+def test_report_shape_parameter_counts(n_layers: int, millions: float) -> None:
+    # Report 03 says 86 M (12 layers) and 43 M (6 layers): non-embedding parameters
+    with torch.device("meta"):
+        counts = DecoderLM(ModelConfig(n_layers=n_layers), 16000, 0).param_counts()
+    assert counts["non_embedding"] / 1e6 == pytest.approx(millions, abs=0.01)
+    assert counts["embedding"] == 16000 * 768  # tied: the LM head is the embedding
+    assert counts["total"] == counts["embedding"] + counts["non_embedding"]
+
+
+def test_untied_head_counts_as_embedding() -> None:
+    tied, untied = small(), small(tie_embeddings=False)
+    assert untied.param_counts()["embedding"] == 2 * tied.param_counts()["embedding"]
+    assert untied.param_counts()["non_embedding"] == tied.param_counts()["non_embedding"]
+
+
+def test_prefix_mask_source_bidirectional_target_causal() -> None:
+    model = small()
+    tokens = torch.randint(3, 50, (1, 10))
+    prefix = torch.tensor([4])  # positions 0-3: source and <sep>
+    base = model(tokens, prefix)
+    changed = tokens.clone()
+    changed[0, 2] = (tokens[0, 2] + 1 - 3) % 47 + 3  # a later source token ...
+    assert not torch.allclose(model(changed, prefix)[0, 0], base[0, 0])  # ... is seen by 0
+    changed = tokens.clone()
+    changed[0, 7] = (tokens[0, 7] + 1 - 3) % 47 + 3  # a target token ...
+    out = model(changed, prefix)
+    torch.testing.assert_close(out[0, :7], base[0, :7])  # ... is not seen before it
+    assert not torch.allclose(out[0, 7:], base[0, 7:])
+
+
+def test_causal_mask_matches_prefix_mask_with_empty_prefix() -> None:
+    causal, prefix = small(attention_mask="causal"), small(attention_mask="prefix")
+    tokens = torch.randint(3, 50, (2, 9))
+    lens = torch.tensor([0, 1])  # a prefix of one token is causal too
+    torch.testing.assert_close(causal(tokens, lens), prefix(tokens, lens))
+
+
+def test_drop_path_grows_linearly_to_the_top_block() -> None:
+    model = DecoderLM(ModelConfig(**{**SMALL, "n_layers": 5, "drop_path": 0.2}), 50, 0)
+    rates = [b.drop_path_p for b in model.blocks]  # type: ignore[union-attr]
+    assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    tokens, lens = torch.randint(3, 50, (2, 12)), torch.tensor([5, 7])
+    grads = []
+    for ckpt in (False, True):
+        model = small(grad_checkpointing=ckpt, dropout=0.1, drop_path=0.1).train()
+        torch.manual_seed(1)
+        model(tokens, lens).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(v.values()))
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_cached_decoding_equals_recomputing(variant: dict[str, str], beam_size: int) -> None:
+    model = small(**variant)
+    sources = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 3]]
+    args = dict(sep_id=1, eos_id=2, pad_id=0, max_new_tokens=15, beam_size=beam_size)
+    cached = generate(model, sources, use_cache=True, **args)  # type: ignore[arg-type]
+    recomputed = generate(model, sources, use_cache=False, **args)  # type: ignore[arg-type]
+    alone = [generate(model, [s], **args)[0] for s in sources]  # type: ignore[arg-type]
+    assert cached == recomputed == alone  # left padding changes nothing
+
+
+@pytest.mark.parametrize("variant", VARIANTS[:4], ids=lambda v: "-".join(v.values()))
+def test_greedy_decoding_matches_the_training_forward(variant: dict[str, str]) -> None:
+    """Decoding's positions and masks are those of training: each generated token is the
+    argmax of the teacher-forced forward pass over ``source <sep> generated``."""
+    model = small(**variant)
+    source = [5, 6, 7, 8]
+    out = generate(model, [source, [9]], sep_id=1, eos_id=2, pad_id=0, max_new_tokens=10)[0]
+    seq = torch.tensor([source + [1] + out])
+    logits = model(seq, torch.tensor([len(source) + 1]))
+    assert logits[0, len(source):-1].argmax(-1).tolist() == out
+
+
+def test_generation_stops_at_max_len() -> None:
+    model = small(max_len=12)
+    out = generate(model, [[5, 6, 7, 8, 9]], sep_id=1, eos_id=2, pad_id=0, max_new_tokens=50)
+    assert len(out[0]) <= 12 - 6

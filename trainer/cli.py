@@ -1,0 +1,102 @@
+"""``amt-train``: train (or describe) one model from a YAML config.
+
+    amt-train --config configs/bible.yaml [--set optim.lr=3e-4 ...] [--out-dir DIR] [--resume]
+    amt-train --config configs/train.yaml --describe     # parameter counts, no data loaded
+    torchrun --nproc-per-node N -m trainer.cli --config configs/train.yaml   # N GPUs, DDP
+
+User errors (bad config, corrupt checkpoint, training that cannot go on) print one line,
+``amt-train: error: ...``, and exit with status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from storage.errors import CheckpointError, StorageError
+from trainer.config import TrainConfig, load_config, parse_override
+from trainer.errors import ConfigError, TrainingFailed
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, CheckpointError, StorageError, TrainingFailed,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} — see '{self.prog} --help'\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="amt-train", description=(
+        "Train the AMT decoder (Report 03) on a parallel corpus; multi-GPU with "
+        "'torchrun --nproc-per-node N -m trainer.cli --config ...'."))
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/bible.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, e.g. optim.lr=1e-4")
+    parser.add_argument("--out-dir", help="run directory (overrides train.out_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the run directory")
+    parser.add_argument("--describe", action="store_true",
+                        help="print the model's parameter counts and exit (loads no data)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def load(args: argparse.Namespace) -> TrainConfig:
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.out_dir:
+        overrides["train.out_dir"] = args.out_dir
+    return load_config(args.config, overrides)
+
+
+def describe(cfg: TrainConfig) -> str:
+    """Shape and parameter counts, built on the meta device with ``data.vocab_size``."""
+    from trainer.model import DecoderLM
+
+    with torch.device("meta"):
+        counts = DecoderLM(cfg.model, cfg.data.vocab_size, pad_id=0).param_counts()
+    m = cfg.model
+    return "\n".join([
+        f"model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff}, "
+        f"{m.positional}, {m.norm}-norm, {m.attention_mask} mask, vocab {cfg.data.vocab_size}",
+        *(f"{name:>14}: {n:>12,} ({n / 1e6:.1f} M)" for name, n in counts.items()),
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = load(args)
+        if args.describe:
+            print(describe(cfg))
+            return 0
+        from trainer.loop import fit
+
+        result = fit(cfg, resume=args.resume)
+    except USER_ERRORS as e:
+        print(f"amt-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amt-train: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    if rank == 0:
+        print(f"BLEU-4 {result.bleu:.2f}, val loss {result.val_loss:.4f} (best "
+              f"{result.best_val_loss:.4f} at step {result.best_step}), {result.steps} steps, "
+              f"{result.tokens_per_s:,.0f} tokens/s, stopped by {result.stopped_by}; "
+              f"results in {cfg.train.out_dir}/result.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Batched greedy and beam-search decoding for evaluation.
+
+Prompts ``source <sep>`` are left-padded to a common length P so every row generates at the
+same time step; each row's positions start at 0 at its first real token (RoPE and sinusoids
+see the same positions as in training) and the padding is masked out. With ``use_cache`` the
+keys/values of earlier positions are kept (:class:`trainer.model.KVCache`); without it the
+whole sequence is recomputed every step, the reference the cached path must match.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.model import DecoderLM, KVCache, attention_mask
+
+__all__ = ["generate"]
+
+
+@torch.no_grad()
+def generate(
+    model: DecoderLM,
+    src_ids: list[list[int]],
+    sep_id: int,
+    eos_id: int,
+    pad_id: int,
+    max_new_tokens: int,
+    beam_size: int = 1,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Translate each source; returns the target ids of each row without <eos>.
+
+    Generation stops at <eos>, after ``max_new_tokens``, or when the sequence reaches
+    ``model.cfg.max_len``. Beam search ranks finished hypotheses by mean log-probability.
+    """
+    if not src_ids:
+        return []
+    device = next(model.parameters()).device
+    prompts = [list(s) + [sep_id] for s in src_ids]
+    P = max(len(p) for p in prompts)
+    max_new = max(0, min(max_new_tokens, model.cfg.max_len - P))
+    tokens = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts], device=device)
+    start = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+    prefix_end = start if model.cfg.attention_mask == "causal" else torch.full_like(start, P)
+    if beam_size > 1:
+        tokens, start, prefix_end = (t.repeat_interleave(beam_size, 0)
+                                     for t in (tokens, start, prefix_end))
+    step = _Stepper(model, tokens, start, prefix_end, P + max_new, use_cache)
+    if beam_size == 1:
+        return _greedy(step, len(prompts), eos_id, max_new)
+    return _beam(step, len(prompts), beam_size, eos_id, max_new)
+
+
+class _Stepper:
+    """Returns next-token log-probabilities (rows, V) for the sequences so far."""
+
+    def __init__(self, model: DecoderLM, prompt: torch.Tensor, start: torch.Tensor,
+                 prefix_end: torch.Tensor, max_len: int, use_cache: bool) -> None:
+        self.model = model
+        self.seq = prompt  # (rows, T) everything so far, left-padded
+        self.start, self.prefix_end = start, prefix_end
+        dtype = next(model.parameters()).dtype
+        self.cache = (KVCache(model.cfg, prompt.size(0), max_len, prompt.device, dtype)
+                      if use_cache else None)
+        self.fed = 0  # positions already in the cache
+
+    def __call__(self) -> torch.Tensor:
+        T = self.seq.size(1)
+        new = self.seq[:, self.fed:] if self.cache is not None else self.seq
+        positions = (torch.arange(T - new.size(1), T, device=new.device)[None]
+                     - self.start[:, None]).clamp(min=0)  # (rows, Tq) 0 at the first real token
+        mask = attention_mask(self.start, self.prefix_end, new.size(1), T)
+        logits = self.model.run(new, positions, mask, self.cache)[:, -1]  # (rows, V)
+        if self.cache is not None:
+            self.fed = T
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def append(self, next_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        if rows is not None:
+            self.seq, self.start, self.prefix_end = (
+                t[rows] for t in (self.seq, self.start, self.prefix_end))
+            if self.cache is not None:
+                self.cache.reorder(rows)
+        self.seq = torch.cat([self.seq, next_tokens[:, None]], dim=1)
+
+
+def _greedy(step: _Stepper, batch: int, eos_id: int, max_new: int) -> list[list[int]]:
+    device = step.seq.device
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = []
+    for _ in range(max_new):
+        next_tokens = step().argmax(-1)  # (B,)
+        next_tokens = torch.where(done, eos_id, next_tokens)
+        out.append(next_tokens)
+        done |= next_tokens == eos_id
+        if bool(done.all()):  # sync: one per generated token, to stop early
+            break
+        step.append(next_tokens)
+    rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(batch)]
+    return [_until_eos(r, eos_id) for r in rows]
+
+
+def _beam(step: _Stepper, batch: int, k: int, eos_id: int, max_new: int) -> list[list[int]]:
+    device = step.seq.device
+    scores = torch.zeros(batch, k, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start identical: keep one
+    lengths = torch.zeros(batch, k, device=device)
+    done = torch.zeros(batch, k, dtype=torch.bool, device=device)
+    history = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    for _ in range(max_new):
+        logp = step().view(batch, k, -1)  # (B, k, V)
+        # a finished beam only extends with <eos> at no cost, so it keeps its score
+        finished = torch.full_like(logp[0, 0], float("-inf"))
+        finished[eos_id] = 0.0
+        logp = torch.where(done[..., None], finished, logp)
+        V = logp.size(-1)
+        scores, flat = (scores[..., None] + logp).view(batch, -1).topk(k, dim=-1)  # (B, k)
+        beam, token = flat // V, flat % V
+        history = torch.cat([history.gather(1, beam[..., None].expand_as(history)),
+                             token[..., None]], dim=-1)
+        lengths = lengths.gather(1, beam) + (~done.gather(1, beam)).float()
+        done = done.gather(1, beam) | (token == eos_id)
+        if bool(done.all()):  # sync: one per generated token
+            break
+        rows = (beam + torch.arange(batch, device=device)[:, None] * k).view(-1)
+        step.append(token.view(-1), rows)
+    best = (scores / lengths.clamp(min=1)).argmax(-1)  # mean log-probability per token
+    picked = history[torch.arange(batch, device=device), best].tolist()
+    return [_until_eos(r, eos_id) for r in picked]
+
+
+def _until_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

@@ -1,0 +1,595 @@
+"""``fit``: train one model per a :class:`TrainConfig`, evaluate it, checkpoint it.
+
+``fit`` orchestrates (budgets, evaluation, early stopping, checkpoints, callbacks);
+``_Run.train_step`` holds the math of one optimiser step. Everything a resumed run needs is
+in the checkpoint (model, EMA, optimiser, GradScaler, RNG states, data position, the
+:class:`Progress` bookkeeping), so an interrupted and resumed single-process run produces
+the same loss curve, bit for bit, as an uninterrupted one.
+
+Files under ``train.out_dir``: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one
+line per evaluation), checkpoints with their SHA-256 ``manifest.json`` (``storage.checkpoints``)
+and ``result.json`` at the end.
+
+Multi-GPU: launched by ``torchrun --nproc-per-node N -m trainer.cli --config ...`` (WORLD_SIZE
+> 1) every rank trains on its share of each step's batches under DDP; only rank 0 evaluates,
+writes files and calls ``on_eval``. Under DDP, OOM recovery is not attempted (the other ranks
+would wait in the all-reduce) and a resumed run restores rank 0's RNG state only.
+
+Test hook: ``AMT_INJECT_OOM=STEP[:TIMES]`` raises a CUDA out-of-memory error in optimiser step
+STEP (1-based) on its first TIMES attempts (default 1), also on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from trainer import metrics
+from trainer.config import TrainConfig, config_to_dict
+from trainer.data import Batch, PreparedData, prepare
+from trainer.decode import generate
+from trainer.errors import ConfigError, TrainingFailed
+from trainer.model import DecoderLM
+from trainer.optim import build_optimizer, set_lr
+
+__all__ = ["Callback", "FitResult", "Progress", "fit", "token_losses"]
+
+log = logging.getLogger(__name__)
+
+
+class Callback(Protocol):
+    """Both methods are optional; either may raise to stop training (``fit`` saves a
+    checkpoint, then re-raises). ``on_eval`` runs on rank 0 only, ``on_step`` on every rank."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_step(self, step: int) -> None: ...
+
+
+@dataclass
+class FitResult:
+    bleu: float  # final evaluation, EMA weights, sacrebleu 0-100
+    val_loss: float
+    best_val_loss: float
+    best_step: int
+    steps: int
+    tokens: int  # source + target tokens trained on, padding excluded, all ranks
+    tokens_per_s: float  # the same tokens per second of training (evaluation excluded)
+    wall_s: float  # wall-clock seconds of the run, evaluations and earlier attempts included
+    history: list[dict[str, float]]
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    stopped_by: str  # "budget", "early_stopping", "time"
+    bleu_signature: str = ""
+    micro_batch_tokens: int = 0  # below train.tokens_per_batch after an OOM
+
+
+@dataclass
+class Progress:
+    """The loop's bookkeeping; saved in every checkpoint."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # data position: the next batch is batch ``batch`` of epoch ``epoch``
+    batch: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    train_s: float = 0.0  # elapsed_s without evaluations
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    bad_evals: int = 0  # evaluations since the best one
+    micro_split: int = 1  # each batch runs as this many micro-batches (doubled on OOM)
+    loss_sum: float = 0.0  # train NLL summed since the last evaluation
+    loss_tokens: int = 0
+    window_tokens: int = 0  # tokens and training seconds since the last evaluation
+    window_s: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False) -> FitResult:
+    """Train, evaluating every ``train.eval_every`` optimiser steps and at the end.
+
+    Args:
+        resume: continue from the newest verified checkpoint in ``train.out_dir`` (a fresh
+            start when there is none).
+
+    Raises:
+        ConfigError: bad data, or ``out_dir`` already holds checkpoints and ``resume`` is off.
+        CheckpointError: the checkpoint to resume from is corrupt.
+        TrainingFailed: non-finite loss (``"nan_loss"``), out of memory at the smallest
+            micro-batch (``"oom"``).
+        Exception: whatever a callback raised, after a checkpoint was saved.
+    """
+    owns_group = _init_distributed()
+    try:
+        return _Run(cfg, list(callbacks)).fit(resume)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed label-smoothed cross-entropy (as ``F.cross_entropy``) and summed plain NLL over
+    positions whose target is not -100; the NLL makes train and val losses comparable."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    keep = targets != -100
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    smoothed = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
+    return (smoothed * keep).sum(), (nll * keep).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _init_distributed() -> bool:
+    """Join the torchrun process group when WORLD_SIZE > 1; True when this call created it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _precision(requested: str, device: torch.device) -> str:
+    if requested == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (use fp32 or bf16 on CPU)")
+    return requested
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
+def _rng_state() -> dict[str, Any]:
+    py = random.getstate()
+    np_state: Any = np.random.get_state()  # the legacy tuple
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py: list[Any] = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n: list[Any] = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy(), *n[2:]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _split_rows(batch: Batch, parts: int) -> list[tuple[torch.Tensor, ...]]:
+    """(tokens, prefix_lens, targets) of ``batch`` cut into up to ``parts`` row chunks."""
+    chunks = zip(*(t.tensor_split(parts) for t in (batch.tokens, batch.prefix_lens,
+                                                   batch.targets)), strict=True)
+    return [c for c in chunks if c[0].size(0)]
+
+
+def _real_tokens(batch: Batch) -> int:
+    """Source, <sep>, target and <eos> tokens of a batch: padding excluded."""
+    return int(batch.prefix_lens.sum()) + batch.n_target_tokens  # CPU tensor: no device sync
+
+
+def _oom_injection() -> tuple[int, int]:
+    spec = os.environ.get("AMT_INJECT_OOM", "")
+    if not spec:
+        return 0, 0
+    step, _, times = spec.partition(":")
+    return int(step), int(times or 1)
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, callbacks: list[Any]) -> None:
+        self.cfg = cfg
+        self.callbacks = callbacks
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.out_dir = Path(cfg.train.out_dir)
+        precision = _precision(cfg.train.precision, self.device)
+        self.precision = precision
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if cfg.train.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        _seed_everything(cfg.train.seed)
+
+        self.data: PreparedData = prepare(cfg.data)
+        if len(self.data.val) == 0:
+            raise ConfigError("the validation split is empty (data.val_fraction / data.val_path)")
+        self.eval_pairs = self.data.val[: cfg.train.eval_subset]
+        self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id).to(self.device)
+        self.ema = None
+        if cfg.train.ema_decay > 0:
+            self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.optimizer = build_optimizer(self.model, cfg.optim,
+                                         fused=cfg.optim.fused and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        self.progress = Progress()
+        self.saved_step = -1
+        self.saved_path: Path | None = None
+        self.bleu_signature = ""
+        if self.world > 1:  # same initial weights everywhere (DDP checks), own dropout masks
+            torch.manual_seed(cfg.train.seed + self.rank)
+        self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
+        wrapped: torch.nn.Module = self.ddp or self.model
+        self.train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
+
+    # -- orchestration ------------------------------------------------------------------------
+
+    def fit(self, resume: bool) -> FitResult:
+        cfg = self.cfg
+        self._start(resume)
+        p = self.progress  # after _start: a resumed run replaces it
+        started = time.perf_counter() - p.elapsed_s
+        batches = self._train_batches()
+        bar = tqdm(total=cfg.train.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
+                   disable=self.rank != 0 or not sys.stderr.isatty()
+                   or os.environ.get("AMT_PROGRESS", "1") == "0")
+        stopped_by = self._stop_reason()
+        while stopped_by is None:
+            t0 = time.perf_counter()
+            step_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
+            loss_sum, loss_tokens, tokens, lr = self.train_step(step_batches)
+            dt = time.perf_counter() - t0
+            p.step += 1
+            p.tokens += tokens
+            p.loss_sum += loss_sum
+            p.loss_tokens += loss_tokens
+            p.window_tokens += tokens
+            p.window_s += dt
+            p.train_s += dt
+            p.elapsed_s = time.perf_counter() - started
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", lr=f"{lr:.2e}")
+            stopped_by = self._stop_reason()
+            if p.step % cfg.train.eval_every == 0 or stopped_by:
+                if self._evaluate_and_report(lr, started):
+                    stopped_by = "early_stopping"
+            elif cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+                self._save()
+            self._call("on_step", p.step)
+        bar.close()
+        if not p.history or p.history[-1]["step"] != p.step:  # a resumed, finished run
+            self._evaluate_and_report(0.0, started)
+        return self._finish(stopped_by or "budget")
+
+    def _start(self, resume: bool) -> None:
+        ckpt = latest_checkpoint(self.out_dir) if self.out_dir.exists() else None
+        if ckpt is not None and not resume:
+            raise ConfigError(f"train.out_dir={self.out_dir} already holds checkpoints; "
+                              "resume it (--resume) or choose another out_dir")
+        if resume and ckpt is not None:
+            self._load(ckpt)
+        elif resume:
+            log.warning("no checkpoint in %s: starting from scratch", self.out_dir)
+        if self.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
+            (self.out_dir / "config.yaml").write_text(text)
+            # metrics.jsonl always matches the history we continue from
+            lines = "".join(json.dumps(m) + "\n" for m in self.progress.history)
+            (self.out_dir / "metrics.jsonl").write_text(lines)
+        counts = self.model.param_counts()
+        log.info("model: %s parameters (%s non-embedding); %s on %s x%d, precision %s",
+                 f"{counts['total']:,}", f"{counts['non_embedding']:,}", self.cfg.name,
+                 self.device, self.world, self.precision)
+
+    def _stop_reason(self) -> str | None:
+        cfg, p = self.cfg.train, self.progress
+        if p.step >= cfg.max_steps or (cfg.max_tokens and p.tokens >= cfg.max_tokens):
+            return "budget"
+        over_time = cfg.max_time_s is not None and p.elapsed_s >= cfg.max_time_s
+        if self.world > 1 and cfg.max_time_s is not None:  # sync: ranks must agree to stop
+            flag = torch.tensor(float(over_time), device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            over_time = bool(flag.item())
+        return "time" if over_time else None
+
+    def _train_batches(self) -> Iterator[Batch]:
+        """This rank's batches, endlessly, from the saved data position on. Each group of
+        ``world`` consecutive batches gives one to every rank; a short last group is dropped."""
+        p, cfg = self.progress, self.cfg
+        while True:
+            group: list[Batch] = []
+            produced = False
+            index = p.batch
+            for batch in self.data.batches(self.data.train, cfg.train.tokens_per_batch,
+                                           shuffle=True, seed=cfg.train.seed, epoch=p.epoch,
+                                           start_batch=p.batch):
+                group.append(batch)
+                index += 1
+                if len(group) == self.world:
+                    produced = True
+                    p.batch = index
+                    yield group[self.rank]
+                    group = []
+            if not produced and p.batch == 0:
+                raise ConfigError(f"the training split has fewer batches than the {self.world} "
+                                  "ranks (data.path / data.max_train_pairs)")
+            p.epoch, p.batch = p.epoch + 1, 0
+
+    def _evaluate_and_report(self, lr: float, started: float) -> bool:
+        """Evaluate (rank 0), record, checkpoint when due, call ``on_eval``; True: stop early."""
+        cfg, p = self.cfg.train, self.progress
+        m: dict[str, Any] | None = None
+        if self.rank == 0:
+            t0 = time.perf_counter()
+            m = {"step": p.step, "epoch": p.epoch, "tokens": p.tokens,
+                 "train_loss": p.loss_sum / max(p.loss_tokens, 1), **self.evaluate(), "lr": lr,
+                 "tokens_per_s": p.window_tokens / max(p.window_s, 1e-9),
+                 "elapsed_s": time.perf_counter() - started}
+            log.info("step %d: train loss %.4f, val loss %.4f, BLEU %.2f, %.0f tok/s (eval %.1fs)",
+                     p.step, m["train_loss"], m["val_loss"], m["bleu"], m["tokens_per_s"],
+                     time.perf_counter() - t0)
+            with open(self.out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(m) + "\n")
+        if self.world > 1:  # sync: every rank keeps the same bookkeeping
+            box = [m]
+            dist.broadcast_object_list(box, src=0)
+            m = box[0]
+        assert m is not None
+        p.history.append(m)
+        p.loss_sum, p.loss_tokens, p.window_tokens, p.window_s = 0.0, 0, 0, 0.0
+        if m["val_loss"] < p.best_val_loss:
+            p.best_val_loss, p.best_step, p.bad_evals = m["val_loss"], p.step, 0
+        else:
+            p.bad_evals += 1
+        p.elapsed_s = time.perf_counter() - started
+        if cfg.checkpoint_every == 0:
+            self._save()
+        error: BaseException | None = None
+        if self.rank == 0:
+            try:
+                for cb in self.callbacks:
+                    if hasattr(cb, "on_eval"):
+                        cb.on_eval(p.step, dict(m))
+            except BaseException as e:
+                error = e
+        failed = error is not None
+        if self.world > 1:  # sync: rank 0 tells the others whether a callback stopped it
+            flag = torch.tensor(int(failed), device=self.device)
+            dist.broadcast(flag, src=0)
+            failed = bool(flag.item())
+        if error is not None:
+            self._save()
+            raise error
+        if failed:
+            raise TrainingFailed("a callback stopped the run on rank 0", reason="stopped")
+        return bool(cfg.early_stopping_patience) and p.bad_evals >= cfg.early_stopping_patience
+
+    def _call(self, hook: str, step: int) -> None:
+        for cb in self.callbacks:
+            if hasattr(cb, hook):
+                try:
+                    getattr(cb, hook)(step)
+                except BaseException:
+                    self._save()
+                    raise
+
+    def _finish(self, stopped_by: str) -> FitResult:
+        p = self.progress
+        path = self._save()
+        last = p.history[-1]
+        result = FitResult(
+            bleu=last["bleu"], val_loss=last["val_loss"], best_val_loss=p.best_val_loss,
+            best_step=p.best_step, steps=p.step, tokens=p.tokens,
+            tokens_per_s=p.tokens / max(p.train_s, 1e-9), wall_s=p.elapsed_s,
+            history=list(p.history), checkpoint=str(path) if path else None,
+            checkpoint_sha256=sha256_file(path) if path else None, stopped_by=stopped_by,
+            bleu_signature=self.bleu_signature,
+            micro_batch_tokens=self.cfg.train.tokens_per_batch // p.micro_split,
+        )
+        if self.rank == 0:
+            extra = {"device": str(self.device), "world_size": self.world,
+                     "precision": self.precision, "params": self.model.param_counts()}
+            text = json.dumps({**asdict(result), **extra}, indent=2)
+            (self.out_dir / "result.json").write_text(text + "\n")
+            log.info("done (%s): BLEU %.2f, val loss %.4f after %d steps", stopped_by,
+                     result.bleu, result.val_loss, p.step)
+        return result
+
+    # -- the math -----------------------------------------------------------------------------
+
+    def train_step(self, batches: list[Batch]) -> tuple[float, int, int, float]:
+        """One optimiser step over ``batches`` (the gradient-accumulation micro-batches).
+
+        Returns (summed train NLL, target tokens, tokens, LR) over all ranks. On CUDA OOM the
+        step is redone with every batch cut into twice as many row chunks (same tokens per
+        step); below ``train.min_micro_batch_tokens`` it raises ``TrainingFailed("oom")``.
+        """
+        oom_step, oom_times = _oom_injection()
+        attempts = 0
+        while True:
+            try:
+                if self.progress.step + 1 == oom_step and attempts < oom_times:
+                    raise torch.cuda.OutOfMemoryError("injected by AMT_INJECT_OOM")
+                return self._step(batches)
+            except torch.cuda.OutOfMemoryError as e:
+                attempts += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                split = self.progress.micro_split * 2
+                micro_tokens = self.cfg.train.tokens_per_batch // split
+                if self.world > 1 or micro_tokens < self.cfg.train.min_micro_batch_tokens:
+                    raise TrainingFailed(
+                        f"out of memory at step {self.progress.step + 1} with micro-batches "
+                        f"of {self.cfg.train.tokens_per_batch // self.progress.micro_split} "
+                        "tokens (lower train.tokens_per_batch or model size)", reason="oom",
+                    ) from e
+                log.warning("CUDA out of memory: micro-batches of %d tokens from now on",
+                            micro_tokens)
+                self.progress.micro_split = split
+
+    def _step(self, batches: list[Batch]) -> tuple[float, int, int, float]:
+        cfg, p = self.cfg, self.progress
+        n_target = sum(b.n_target_tokens for b in batches)
+        micro = [c for b in batches for c in _split_rows(b, p.micro_split)]
+        nll_sum = torch.zeros((), device=self.device)
+        for i, (tokens, prefix_lens, targets) in enumerate(micro):
+            tokens, prefix_lens, targets = (t.to(self.device, non_blocking=True)
+                                            for t in (tokens, prefix_lens, targets))
+            last = i == len(micro) - 1
+            no_sync = (self.ddp.no_sync() if self.ddp is not None and not last
+                       else contextlib.nullcontext())
+            with no_sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    logits = self.train_model(tokens, prefix_lens)
+                loss, nll = token_losses(logits, targets, cfg.optim.label_smoothing)
+                self.scaler.scale(loss / n_target).backward()
+            nll_sum += nll.detach()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.optim.grad_clip or math.inf)
+        tokens_here = sum(_real_tokens(b) for b in batches)
+        stats = torch.stack([nll_sum, grad_norm.float().to(self.device),
+                             torch.tensor(float(n_target), device=self.device),
+                             torch.tensor(float(tokens_here), device=self.device)])
+        if self.world > 1:  # the grad norm is already the same everywhere; sum the rest
+            stats *= torch.tensor([1.0, 1.0 / self.world, 1.0, 1.0], device=self.device)
+            dist.all_reduce(stats)
+        # sync: the one host sync of the step, for the finite check and logging
+        nll_total, norm, n_target_all, tokens_all = stats.tolist()
+        if not math.isfinite(nll_total) or (not self.scaler.is_enabled()
+                                            and not math.isfinite(norm)):
+            raise TrainingFailed(f"non-finite loss or gradient at step {p.step + 1} "
+                                 f"(loss {nll_total}, grad norm {norm}); lower optim.lr",
+                                 reason="nan_loss")
+        lr = set_lr(self.optimizer, p.step, cfg.optim, cfg.train.max_steps)
+        self.scaler.step(self.optimizer)  # fp16 with a non-fused optimiser syncs here
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_ema()
+        return nll_total, int(n_target_all), int(tokens_all), lr
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        # warm-up as in TF's ExponentialMovingAverage(num_updates): short runs are not
+        # dominated by the random initial weights
+        step = self.progress.step + 1
+        decay = min(self.cfg.train.ema_decay, (1 + step) / (10 + step))
+        ema_params: list[torch.Tensor] = list(self.ema.parameters())
+        params: list[torch.Tensor] = list(self.model.parameters())
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Val loss (plain NLL per target token) and BLEU-4 on the first ``train.eval_subset``
+        validation pairs, with the EMA weights (the raw weights when EMA is off)."""
+        model = self.ema if self.ema is not None else self.model
+        was_training = model.training
+        model.eval()
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                  enabled=self.amp_dtype is not None)
+        nll_sum = torch.zeros((), device=self.device)
+        n_target = 0
+        for batch in self.data.batches(self.eval_pairs, self.cfg.train.tokens_per_batch,
+                                       shuffle=False, seed=0, epoch=0):
+            batch = batch.to(self.device, non_blocking=True)
+            with autocast:
+                logits = model(batch.tokens, batch.prefix_lens)
+            nll_sum += token_losses(logits, batch.targets, 0.0)[1]
+            n_target += batch.n_target_tokens
+        with autocast:
+            hypotheses = self.translate(model, [ex.src_ids for ex in self.eval_pairs])
+        references = [ex.tgt_text for ex in self.eval_pairs]
+        bleu, self.bleu_signature = metrics.bleu(hypotheses, references)
+        out = {"val_loss": float(nll_sum) / max(n_target, 1), "bleu": bleu}  # sync
+        if self.cfg.eval.ndd:
+            out["ndd"] = metrics.ndd(hypotheses, references)
+        model.train(was_training)
+        return out
+
+    def translate(self, model: DecoderLM, sources: list[list[int]]) -> list[str]:
+        """Detokenised translations, decoded in batches of similar source length."""
+        cfg = self.cfg.train
+        rows = max(1, cfg.tokens_per_batch // self.cfg.model.max_len)
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out: list[str] = [""] * len(sources)
+        for start in range(0, len(order), rows):
+            chunk = order[start : start + rows]
+            ids = generate(model, [sources[i] for i in chunk], self.data.sep_id,
+                           self.data.eos_id, self.data.pad_id, cfg.eval_max_new_tokens,
+                           beam_size=cfg.beam_size)
+            for i, hyp in zip(chunk, ids, strict=True):
+                out[i] = self.data.decode(hyp)
+        return out
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _save(self) -> Path | None:
+        """Checkpoint the current step on rank 0 (once per step); returns its path."""
+        if self.rank != 0:
+            return None
+        if self.saved_step == self.progress.step:
+            return self.saved_path
+        state = {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "progress": asdict(self.progress),
+            "config": config_to_dict(self.cfg),
+        }
+        self.saved_path = save_checkpoint(self.out_dir, self.progress.step, state,
+                                          keep=self.cfg.train.keep_checkpoints)
+        self.saved_step = self.progress.step
+        return self.saved_path
+
+    def _load(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        saved_model = state["config"]["model"]
+        if saved_model != config_to_dict(self.cfg.model):
+            raise ConfigError(f"model section differs from the checkpoint {path} being resumed")
+        self.model.load_state_dict(state["model"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        if self.rank == 0:
+            _set_rng_state(state["rng"])
+        else:  # only rank 0's generator state is saved: fresh dropout masks elsewhere
+            torch.manual_seed(self.cfg.train.seed + self.rank + 7919 * self.progress.step)
+        self.saved_step, self.saved_path = self.progress.step, path
+        log.info("resumed from %s at step %d", path, self.progress.step)

@@ -1,0 +1,237 @@
+"""The decoder of Report 03 §1 and §3: a decoder-only transformer used as a prefix LM.
+
+A sequence is ``source <sep> target <eos>``. With ``attention_mask: prefix`` the source and
+``<sep>`` see each other in both directions and the target is causal; with ``causal`` every
+position sees only the past. Read top to bottom: positions -> attention -> MLP -> Block ->
+DecoderLM. Shapes in comments: B batch, T time, nh heads, hs head size, C = d_model, V vocab.
+
+Attention masks are one rule for training and decoding (see :func:`attention_mask`):
+key ``k`` is visible to query ``q`` of row ``b`` when ``start[b] <= k`` (left padding is
+hidden) and (``k < prefix_end[b]`` or ``k <= q``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from trainer.config import ModelConfig
+
+__all__ = ["DecoderLM", "KVCache", "attention_mask"]
+
+
+# ---------------------------------------------------------------------------------------------
+# positions
+
+
+def rotary_angles(positions: torch.Tensor, head_size: int, base: float) -> torch.Tensor:
+    """Angles (B, T, hs/2) for RoPE at integer ``positions`` (B, T); computed once per forward."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, device=positions.device) / head_size)
+    return positions.float()[..., None] * inv_freq  # (B, T, hs/2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of ``x`` (B, nh, T, hs) by angles (B, 1, T, hs/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, T, hs/2) each
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+def sinusoid(positions: torch.Tensor, d_model: int) -> torch.Tensor:
+    """Vaswani et al.'s fixed encoding (B, T, C) at integer ``positions`` (B, T)."""
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, device=positions.device) / d_model)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, C/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
+
+
+def attention_mask(
+    start: torch.Tensor, prefix_end: torch.Tensor, n_queries: int, n_keys: int
+) -> torch.Tensor:
+    """Boolean mask (B, 1, Tq, Tk), True = attend; the queries are the last ``n_queries`` keys.
+
+    ``start`` (B,): first real position of each row (left padding before it is hidden).
+    ``prefix_end`` (B,): positions below it are seen bidirectionally (the source and <sep>).
+    """
+    k = torch.arange(n_keys, device=start.device)
+    q = k[n_keys - n_queries :, None]  # (Tq, 1) absolute positions of the queries
+    visible = (k < prefix_end[:, None, None]) | (k <= q)  # (B, Tq, Tk)
+    visible = visible & (k >= start[:, None, None])
+    return visible[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding (no per-step concat)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        hs = cfg.d_model // cfg.n_heads
+        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far, the same in every row
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` (B, nh, T, hs) after the cached positions; return all keys/values."""
+        end = self.length + k.size(2)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep rows ``rows`` (beam search)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformer
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nh, Tk, hs)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the whole residual branch of a row with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.size(0), 1, 1).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Attention and MLP, each with dropout, drop-path and "Add & Norm" (post) or pre-norm."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, drop_path_p: float) -> None:
+        super().__init__()
+        self.pre_norm = cfg.norm == "pre"
+        self.drop_path_p = drop_path_p
+        self.attn = SelfAttention(cfg, layer)
+        self.mlp = MLP(cfg)
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        x = x + drop_path(self.dropout(branch), self.drop_path_p, self.training)
+        return x if self.pre_norm else norm(x)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        h = self.norm1(x) if self.pre_norm else x
+        x = self.residual(x, self.attn(h, rope, mask, cache), self.norm1)
+        h = self.norm2(x) if self.pre_norm else x
+        return self.residual(x, self.mlp(h), self.norm2)
+
+
+class DecoderLM(nn.Module):
+    """Token embedding -> ``n_layers`` blocks -> (final norm if pre-norm) -> tied LM head.
+
+    Args:
+        cfg: the model's shape; ``vocab_size`` and ``pad_id`` come from the tokenizer.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.pad_id = pad_id
+        self.wte = nn.Embedding(vocab_size, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        # stochastic depth grows linearly from 0 at the bottom block to drop_path at the top
+        rates = [cfg.drop_path * i / max(cfg.n_layers - 1, 1) for i in range(cfg.n_layers)]
+        self.blocks = nn.ModuleList(Block(cfg, i, p) for i, p in enumerate(rates))
+        self.norm_f = nn.LayerNorm(cfg.d_model) if cfg.norm == "pre" else nn.Identity()
+        self.lm_head = (None if cfg.tie_embeddings
+                        else nn.Linear(cfg.d_model, vocab_size, bias=False))
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections
+            if name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def param_counts(self) -> dict[str, int]:
+        """``total``, ``embedding`` (token embedding, plus the LM head when untied) and
+        ``non_embedding`` (what Report 03 calls "86 M")."""
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.wte.weight.numel()
+        if self.lm_head is not None:
+            embedding += self.lm_head.weight.numel()
+        return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+    def forward(self, tokens: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) for right-padded ``tokens`` (B, T); ``prefix_lens`` (B,) counts the
+        source tokens and <sep> of each row (ignored by the ``causal`` mask)."""
+        B, T = tokens.shape
+        positions = torch.arange(T, device=tokens.device).expand(B, T)
+        if self.cfg.attention_mask == "causal":
+            mask = None  # right padding only follows real tokens: SDPA's is_causal fast path
+        else:
+            mask = attention_mask(torch.zeros_like(prefix_lens), prefix_lens, T, T)
+        return self.run(tokens, positions, mask)
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+            cache: KVCache | None = None) -> torch.Tensor:
+        """The network on ``tokens`` (B, T) at ``positions`` (B, T) with a prepared ``mask``
+        (None: causal); with ``cache``, the tokens follow the cached ones. Logits (B, T, V)."""
+        x = self.wte(tokens)  # (B, T, C)
+        rope = None
+        if self.cfg.positional == "rope":
+            angles = rotary_angles(positions, self.cfg.d_model // self.cfg.n_heads,
+                                   self.cfg.rope_base)[:, None]  # (B, 1, T, hs/2)
+            rope = (angles.cos(), angles.sin())
+        else:
+            x = x * math.sqrt(self.cfg.d_model) + sinusoid(positions, self.cfg.d_model)
+        x = self.dropout(x)
+        for block in self.blocks:
+            if self.cfg.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, rope, mask, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.length += tokens.size(1)
+        x = self.norm_f(x)
+        weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight)  # (B, T, V)
