@@ -119,12 +119,16 @@ def load_checkpoint(path: Path | str, map_location: str | None = "cpu") -> dict[
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
     """The newest checkpoint in the manifest that verifies, or None when there is none.
 
-    A newer checkpoint that fails verification is skipped with a warning.
+    A newer checkpoint that fails verification is skipped with a warning. Raises
+    CheckpointError when the manifest exists but cannot be read.
     """
-    for check in reversed(verify(run_dir)):
-        if check.ok:
-            return check.path
-        _log.warning("skipping checkpoint %s: it %s", check.path, check.problem)
+    run_dir = Path(run_dir)
+    for entry in reversed(_read_manifest(run_dir)):
+        path = run_dir / entry["file"]
+        problem = _check(path, entry)
+        if not problem:
+            return path
+        _log.warning("skipping checkpoint %s: it %s", path, problem)
     return None
 
 

@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import pwd
 import shlex
@@ -52,6 +53,7 @@ DATABASE = "amt_search"
 DB_USER = "postgres"
 PORT = 5432
 SERVER_USER = "embedded_postgres"
+_log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 60
 _CONFIG = """
 # amt-search: Unix socket only (its directory is given on the pg_ctl command line).
@@ -177,6 +179,7 @@ def _start(lay: _Layout) -> None:
             f"— see {lay.log}"
         )
     _create_database(lay)
+    _log.info("embedded PostgreSQL running (pid %d, data %s)", pid, lay.data)
     _write_json(
         lay.registry,
         {

@@ -126,11 +126,10 @@ def open_storage(
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 retry_for_s=retry_for_s,
             )
+        except StorageError:
+            raise
         except RuntimeError as e:  # Optuna: the schema was made by an incompatible version
-            raise StorageError(
-                f"the study schema at {where(resolved)} does not match Optuna "
-                f"{optuna.__version__} — run: optuna storage upgrade --storage URL"
-            ) from e
+            raise _old_schema(resolved) from e
         except sqlalchemy.exc.DBAPIError as e:
             raise connect_error(resolved, e) from None
 
@@ -166,6 +165,10 @@ def create_schema(url: str | None = None, *, connect_timeout_s: int = 10) -> Non
                 if not _schema_ready(conn):
                     _log.info("creating the study schema at %s", where(resolved))
                     _create_tables(resolved, conn)
+            except StorageError:
+                raise
+            except RuntimeError as e:  # tables made by an incompatible Optuna
+                raise _old_schema(resolved) from e
             finally:
                 conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SCHEMA_LOCK})
     except sqlalchemy.exc.DBAPIError as e:
@@ -176,6 +179,13 @@ def create_schema(url: str | None = None, *, connect_timeout_s: int = 10) -> Non
         ) from None
     finally:
         engine.dispose()
+
+
+def _old_schema(url: str) -> StorageError:
+    return StorageError(
+        f"the study schema at {where(url)} was made by another Optuna version than "
+        f"{optuna.__version__} — run: optuna storage upgrade --storage URL"
+    )
 
 
 def _schema_ready(conn: sqlalchemy.Connection) -> bool:
