@@ -43,7 +43,14 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, sha256_file
+from storage.checkpoints import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    verify,
+)
+from storage.errors import CheckpointError
 from trainer import metrics
 from trainer.config import TrainConfig, config_to_dict
 from trainer.data import Batch, PreparedData, prepare
@@ -114,17 +121,38 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
 
     Raises:
         ConfigError: bad data, or ``out_dir`` already holds checkpoints and ``resume`` is off.
-        CheckpointError: the checkpoint to resume from is corrupt.
+        CheckpointError: ``resume`` is on and no listed checkpoint verifies.
         TrainingFailed: non-finite loss (``"nan_loss"``), out of memory at the smallest
             micro-batch (``"oom"``).
         Exception: whatever a callback raised, after a checkpoint was saved.
     """
+    _checkpoint_to_resume(Path(cfg.train.out_dir), resume)  # before the data: fail fast
     owns_group = _init_distributed()
     try:
         return _Run(cfg, list(callbacks)).fit(resume)
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint ``fit`` continues from: None for a fresh start.
+
+    Raises ConfigError when ``out_dir`` holds checkpoints and ``resume`` is off, and
+    CheckpointError when it holds checkpoints of which none verifies."""
+    listed = verify(out_dir) if out_dir.exists() else []
+    if listed and not resume:
+        raise ConfigError(f"train.out_dir={out_dir} already holds checkpoints; "
+                          "resume it (--resume) or choose another out_dir")
+    if not listed:
+        if resume:
+            log.warning("no checkpoint in %s: starting from scratch", out_dir)
+        return None
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        raise CheckpointError(f"no checkpoint in {out_dir} verifies (the newest, "
+                              f"{listed[-1].path.name}, {listed[-1].problem})")
+    return ckpt
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
@@ -290,14 +318,9 @@ class _Run:
         return self._finish(stopped_by or "budget")
 
     def _start(self, resume: bool) -> None:
-        ckpt = latest_checkpoint(self.out_dir) if self.out_dir.exists() else None
-        if ckpt is not None and not resume:
-            raise ConfigError(f"train.out_dir={self.out_dir} already holds checkpoints; "
-                              "resume it (--resume) or choose another out_dir")
-        if resume and ckpt is not None:
+        ckpt = _checkpoint_to_resume(self.out_dir, resume)
+        if ckpt is not None:
             self._load(ckpt)
-        elif resume:
-            log.warning("no checkpoint in %s: starting from scratch", self.out_dir)
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
