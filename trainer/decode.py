@@ -58,9 +58,7 @@ class _Stepper:
         self.model = model
         self.seq = prompt  # (rows, T) everything so far, left-padded
         self.start, self.prefix_end = start, prefix_end
-        dtype = next(model.parameters()).dtype
-        self.cache = (KVCache(model.cfg, prompt.size(0), max_len, prompt.device, dtype)
-                      if use_cache else None)
+        self.cache = KVCache(model.cfg, prompt.size(0), max_len) if use_cache else None
         self.fed = 0  # positions already in the cache
 
     def __call__(self) -> torch.Tensor:

@@ -64,19 +64,21 @@ def attention_mask(
 
 
 class KVCache:
-    """Preallocated keys/values of every layer for incremental decoding (no per-step concat)."""
+    """Preallocated keys/values of every layer for incremental decoding (no per-step concat).
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
-        hs = cfg.d_model // cfg.n_heads
-        shape = (cfg.n_layers, batch, cfg.n_heads, max_len, hs)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    Allocated on the first update, in the dtype of the keys (bf16/fp16 under autocast)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int) -> None:
+        self.shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)
+        self.k = self.v = torch.empty(0)
         self.length = 0  # positions filled so far, the same in every row
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store ``k, v`` (B, nh, T, hs) after the cached positions; return all keys/values."""
+        if self.k.numel() == 0:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
