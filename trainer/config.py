@@ -190,6 +190,7 @@ class EvalConfig:
     """Extra metrics. ``ndd``: see trainer/metrics.py for the definition we chose."""
 
     ndd: bool = False
+    test: bool = False  # at the end, BLEU-4 on the whole test split (result.json: test_bleu)
 
 
 @dataclass(frozen=True, kw_only=True)

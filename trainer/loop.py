@@ -89,6 +89,7 @@ class FitResult:
     stopped_by: str  # "budget", "early_stopping", "time"
     bleu_signature: str = ""
     micro_batch_tokens: int = 0  # below train.tokens_per_batch after an OOM
+    test_bleu: float | None = None  # eval.test: the whole test split, EMA weights
 
 
 @dataclass
@@ -307,9 +308,9 @@ class _Run:
             bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", lr=f"{lr:.2e}")
             stopped_by = self._stop_reason()
             if p.step % cfg.train.eval_every == 0 or stopped_by:
-                if self._evaluate_and_report(lr, started):
+                if self._evaluate_and_report(lr, started):  # checkpoints if checkpoint_every=0
                     stopped_by = "early_stopping"
-            elif cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+            if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
                 self._save()
             self._call("on_step", p.step)
         bar.close()
@@ -438,6 +439,13 @@ class _Run:
             bleu_signature=self.bleu_signature,
             micro_batch_tokens=self.cfg.train.tokens_per_batch // p.micro_split,
         )
+        if self.rank == 0 and self.cfg.eval.test and len(self.data.test):
+            model = self.ema if self.ema is not None else self.model.eval()
+            with self._autocast():
+                hypotheses = self.translate(model, [ex.src_ids for ex in self.data.test])
+            references = [ex.tgt_text for ex in self.data.test]
+            result.test_bleu = metrics.bleu(hypotheses, references)[0]
+            log.info("test split: BLEU-4 %.2f on %d pairs", result.test_bleu, len(references))
         if self.rank == 0:
             extra = {"device": str(self.device), "world_size": self.world,
                      "precision": self.precision, "params": self.model.param_counts()}
@@ -492,8 +500,7 @@ class _Run:
             no_sync = (self.ddp.no_sync() if self.ddp is not None and not last
                        else contextlib.nullcontext())
             with no_sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with self._autocast():
                     logits = self.train_model(tokens, prefix_lens)
                 loss, nll = token_losses(logits, targets, cfg.optim.label_smoothing)
                 self.scaler.scale(loss / n_target).backward()
@@ -522,6 +529,10 @@ class _Run:
         self._update_ema()
         return nll_total, int(n_target_all), int(tokens_all), lr
 
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         if self.ema is None:
@@ -541,8 +552,7 @@ class _Run:
         model = self.ema if self.ema is not None else self.model
         was_training = model.training
         model.eval()
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                  enabled=self.amp_dtype is not None)
+        autocast = self._autocast()
         nll_sum = torch.zeros((), device=self.device)
         n_target = 0
         for batch in self.data.batches(self.eval_pairs, self.cfg.train.tokens_per_batch,

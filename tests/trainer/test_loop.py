@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from storage.checkpoints import latest_checkpoint, load_checkpoint
+from storage.checkpoints import latest_checkpoint, load_checkpoint, verify
 from tests.trainer.synthetic import tiny_config, write_task
 from trainer import FitResult, fit
 from trainer.config import TrainConfig
@@ -60,7 +60,7 @@ def test_learns_the_synthetic_translation_task(task: Path, tmp_path: Path) -> No
 
 
 def test_run_directory_files(task: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(task, tmp_path / "run")
+    cfg = tiny_config(task, tmp_path / "run", **{"eval.test": True})
     result = fit(cfg)
     out = tmp_path / "run"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -71,6 +71,7 @@ def test_run_directory_files(task: Path, tmp_path: Path) -> None:
     assert lines == result.history
     saved = json.loads((out / "result.json").read_text())
     assert saved["bleu"] == result.bleu and saved["params"]["non_embedding"] > 0
+    assert saved["test_bleu"] == result.test_bleu is not None  # eval.test
     assert (out / "config.yaml").read_text().startswith("name:")
     assert result.checkpoint == str(latest_checkpoint(out))
     assert result.checkpoint_sha256 and len(result.checkpoint_sha256) == 64
@@ -191,3 +192,10 @@ def test_oom_at_the_smallest_micro_batch_fails(task: Path, tmp_path: Path,
     with pytest.raises(TrainingFailed) as info:
         fit(cfg)
     assert info.value.reason == "oom" and "128 tokens" in str(info.value)
+
+
+def test_checkpoint_cadence(task: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(task, tmp_path / "run", **{"train.checkpoint_every": 3,
+                                                  "train.keep_checkpoints": 10})
+    fit(cfg)
+    assert [c.step for c in verify(tmp_path / "run")] == [3, 6, 9, 12]  # not at evals 4, 8
