@@ -1,0 +1,169 @@
+"""P5: compute to come within 0.5 BLEU-4 of the best configuration, Hyperband vs no pruning.
+
+Two studies of the small task (``bench.common.small_task_search``: the synthetic word-by-word
+translation, a 1-2 layer decoder, 180-step trials evaluated every 30 steps, 6 parameters)
+differ only in the pruner: Hyperband (``min_resource`` 1, reduction factor 3, as
+``configs/search.yaml``) or none. Same TPE sampler and seed, same number of trials, one
+worker each (``search.worker.run_worker``, in this process), on a scratch PostgreSQL database.
+
+For each study, trials in order (one worker: number order), compute is summed over every
+trial, pruned ones included, from the objective's own records (``cpu_seconds``, and
+``wall_seconds`` which is what ``gpu_seconds`` is on a GPU); *time to target* is the sum up to
+and including the first complete trial whose BLEU-4 is within ``--tolerance`` (0.5) of the
+best complete trial of both studies. ratio = Hyperband / none (target <= 0.35). With
+``--seeds`` a,b,... the pair runs once per sampler seed and the ratios are reported per seed
+and pooled (sums of times over the seeds).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bench import common
+
+log = logging.getLogger("bench.pruning")
+
+TARGET_RATIO = 0.35
+PRUNERS = ("hyperband", "none")
+
+
+def run_study(wd: Any, url: str, name: str, pruner: str, n_trials: int, seed: int,
+              tiny: bool, gpu: int | None) -> list[dict[str, Any]]:
+    """Create the study, run one worker until it is done; one row per trial."""
+    import optuna
+
+    from search.study import create_study
+    from search.worker import run_worker
+
+    sizes = {"max_steps": 12, "eval_every": 4, "eval_subset": 8} if tiny else {}
+    cfg = common.small_task_search(wd, name, pruner=pruner, n_trials=n_trials, seed=seed, **sizes)
+    create_study(cfg, url)
+    run_worker(name, gpu=gpu, storage_url=url)
+    rows = []
+    for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        rows.append({"number": t.number, "state": t.state.name, "bleu": t.value,
+                     "evals": len(t.intermediate_values),
+                     "cpu_s": attrs.get("cpu_seconds"), "wall_s": attrs.get("wall_seconds"),
+                     "params": t.params})
+    return sorted(rows, key=lambda r: r["number"])
+
+
+def warm_up(wd: Any, tiny: bool) -> None:
+    """Two steps of the small task first, so neither study's first trial pays for the
+    tokenizer, the data cache and PyTorch's lazy start-up alone."""
+    import dataclasses
+
+    import trainer
+    from search.config import trial_train_config
+
+    cfg = common.small_task_search(wd, "warm-up", pruner="none", n_trials=1)
+    cfg = dataclasses.replace(cfg, truncation=dataclasses.replace(
+        cfg.truncation, max_steps=2, eval_every=2, eval_subset=4))
+    trainer.fit(trial_train_config(cfg, {}, out_dir=wd / "warm-up"))
+
+
+def time_to_target(rows: list[dict[str, Any]], target: float, key: str) -> float | None:
+    """Compute (``key``) summed over trials up to the first complete one reaching ``target``."""
+    spent = 0.0
+    for r in rows:
+        spent += r[key] or 0.0
+        if r["state"] == "COMPLETE" and r["bleu"] is not None and r["bleu"] >= target:
+            return round(spent, 2)
+    return None
+
+
+def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float) -> dict[str, Any]:
+    best = max((r["bleu"] for rows in studies.values() for r in rows
+                if r["state"] == "COMPLETE" and r["bleu"] is not None), default=None)
+    out: dict[str, Any] = {"best_bleu": best}
+    if best is None:
+        return out
+    target = best - tolerance
+    out["target_bleu"] = round(target, 3)
+    for pruner, rows in studies.items():
+        out[pruner] = {
+            "best_bleu": max((r["bleu"] for r in rows if r["state"] == "COMPLETE"
+                              and r["bleu"] is not None), default=None),
+            "complete": sum(r["state"] == "COMPLETE" for r in rows),
+            "pruned": sum(r["state"] == "PRUNED" for r in rows),
+            "total_cpu_s": round(sum(r["cpu_s"] or 0 for r in rows), 2),
+            "total_wall_s": round(sum(r["wall_s"] or 0 for r in rows), 2),
+            "evals": sum(r["evals"] for r in rows),
+            "cpu_s_to_target": time_to_target(rows, target, "cpu_s"),
+            "wall_s_to_target": time_to_target(rows, target, "wall_s"),
+        }
+    for key in ("cpu_s_to_target", "wall_s_to_target", "total_cpu_s"):
+        hb, none = out["hyperband"][key], out["none"][key]
+        out[f"ratio_{key}"] = round(hb / none, 3) if hb is not None and none else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("pruning", __doc__.split("\n")[0])
+    p.add_argument("--storage", help="a PostgreSQL server URL for the scratch database "
+                   "(default: 127.0.0.1:5432 if it answers, else the embedded server)")
+    p.add_argument("--trials", type=int, default=None,
+                   help="trials per study (default 20; --tiny 3)")
+    p.add_argument("--seeds", default="1234", help="sampler seeds, comma-separated (1234)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="BLEU-4 points (0.5)")
+    p.add_argument("--gpu", type=int, default=None, help="run the trials on this GPU")
+    args = p.parse_args(argv)
+    common.setup_logging()
+    n_trials = args.trials or (3 if args.tiny else 20)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    wd = common.work_dir(args, "pruning")
+    common.amt_home(wd)
+    server, where = common.server_url(args.storage)
+    from storage.urls import mask_url
+
+    report = common.Report("pruning", args, {
+        "task": "synthetic word-by-word translation (bench.common.small_task_search)",
+        "trial": "12 steps, eval every 4" if args.tiny else "180 steps, eval every 30 (6 evals)",
+        "space": common.SMALL_TASK_SPACE, "trials_per_study": n_trials, "seeds": seeds,
+        "tolerance_bleu": args.tolerance, "pruners": list(PRUNERS),
+        "server": mask_url(server), "server_source": where,
+        "compute": "objective's cpu_seconds (process CPU time) and wall_seconds per trial",
+    })
+    dbs = common.ScratchDatabases(server, ["pruning"])
+    url = dbs.url("pruning")
+    per_seed: list[dict[str, Any]] = []
+    report["per_seed"] = per_seed
+    warm_up(wd, args.tiny)
+    try:
+        for i, seed in enumerate(seeds):
+            studies: dict[str, list[dict[str, Any]]] = {}
+            for pruner in PRUNERS if i % 2 == 0 else PRUNERS[::-1]:
+                name = f"pruning-{pruner}-s{seed}-{dbs.tag}"
+                log.info("study %s: %d trials ...", name, n_trials)
+                studies[pruner] = run_study(wd, url, name, pruner, n_trials, seed, args.tiny,
+                                            args.gpu)
+            per_seed.append({"seed": seed, "summary": summarise(studies, args.tolerance),
+                             "trials": studies})
+            report.save()
+    finally:
+        dbs.drop()
+    report["verdict"] = verdict(per_seed)
+    report.finish()
+    return 0
+
+
+def verdict(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ratios per seed and pooled over the seeds (sums of CPU-seconds to target)."""
+    sums = {p: 0.0 for p in PRUNERS}
+    reached = True
+    for s in per_seed:
+        for p in PRUNERS:
+            value = s["summary"].get(p, {}).get("cpu_s_to_target")
+            reached &= value is not None
+            sums[p] += value or 0.0
+    ratio = round(sums["hyperband"] / sums["none"], 3) if reached and sums["none"] else None
+    return {"target_ratio": TARGET_RATIO,
+            "ratio_cpu_s_to_target": ratio,
+            "per_seed": [s["summary"].get("ratio_cpu_s_to_target") for s in per_seed],
+            "met": ratio is not None and ratio <= TARGET_RATIO}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

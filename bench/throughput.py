@@ -1,0 +1,430 @@
+"""P1: training throughput of the report's decoder against HF GPTNeoX, in the same run.
+
+*Ours* is one optimiser step of the trainer's own code (``trainer.loop._Run.train_step``):
+Report 03's recipe from ``configs/train.yaml`` (12L/768/3072/12h, RoPE, post-norm, dropout
+0.1, drop-path 0.1, prefix-LM mask, label smoothing 0.1, gradient accumulation, bf16 autocast,
+fused AdamW with layer-wise LR decay, gradient clipping, EMA update, one host sync), eager and
+with ``train.compile``. *The reference* is HF ``GPTNeoXForCausalLM`` of the same shape (RoPE on
+every head dimension, GELU FFN, ``use_parallel_residual=False``, tied embeddings, dropout 0.1,
+SDPA attention, causal mask) in a plain PyTorch step with the same batches, bf16 autocast,
+label-smoothed cross-entropy, fused AdamW, clipping; eager and ``torch.compile``'d.
+
+Batches are real token-budget batches of the corpus (``--data-dir``: the exported Bible;
+``--tiny``: the synthetic task), the same ones for every variant. Every optimiser step sees
+``--step-tokens`` tokens (131072 = 16k x 8, the report's step), so a 64k micro-batch
+accumulates 2. Timing: warm-up steps (compilation included) are timed separately and
+excluded; then each timed step is bracketed by ``torch.cuda.synchronize()``.
+
+Model FLOPs per micro-batch of shape (B, T) holding ``n`` real (non-padding) tokens::
+
+    flops = n * (6 * (N_nonembed + V * d) + 12 * L * T * d)
+
+6 per parameter and token for forward + backward, with the tied LM head's matmul (V x d) as a
+parameter (the input lookup costs nothing); 12·L·T·d is attention's QK^T and AV over the
+padded length T. MFU = flops / seconds / 989e12 (dense bf16 of an H100/H200 SXM).
+``mfu_6n_nonembed`` leaves the LM head out (6·N_nonembed + 12·L·T·d), as PaLM writes it.
+Tokens per second count real tokens, as the trainer's ``tokens_per_s`` does.
+
+Dynamo compiles with dynamic shapes from the first call
+(``torch._dynamo.config.assume_static_by_default = False``) for both models: real batches
+change shape every step, so without it the first steps recompile two or three times.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+from bench import common
+
+log = logging.getLogger("bench.throughput")
+
+TARGETS = {"vs_hf_eager": 2.0, "vs_hf_compiled": 1.3, "mfu": 0.40}
+
+
+@dataclass(frozen=True)
+class Variant:
+    model: str  # "ours" or "hf"
+    compiled: bool
+    micro_tokens: int
+    mask: str = "prefix"  # ours only: the recipe's prefix-LM mask, or plain causal
+
+    @property
+    def name(self) -> str:
+        mode = "compiled" if self.compiled else "eager"
+        extra = "_causal" if self.model == "ours" and self.mask == "causal" else ""
+        return f"{self.model}{extra}_{mode}_{size_label(self.micro_tokens)}"
+
+
+def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool
+         ) -> list[Variant]:
+    """Variants in the order they run: what the targets need first, so a tight budget drops
+    the extras (larger micro-batches, compiled extras, the causal-mask diagnostic) first."""
+    models = ["ours", "hf"] if with_hf else ["ours"]
+    first, rest = sizes[0], sizes[1:]
+    order = [Variant(m, False, first) for m in models]
+    if first in compile_sizes:
+        order += [Variant(m, True, first) for m in models]
+    for size in sorted(rest, reverse=True):
+        order += [Variant(m, False, size) for m in models]
+        if size in compile_sizes:
+            order += [Variant(m, True, size) for m in models]
+    if causal:
+        order.append(Variant("ours", False, first, mask="causal"))
+    return order
+
+
+def size_label(tokens: int) -> str:
+    """16384 -> ``16k``; sizes that are not a multiple of 1024 stay as they are."""
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# batches and FLOPs
+
+
+def step_batches(data: Any, micro_tokens: int, accum: int, n_steps: int, seed: int
+                 ) -> list[list[Any]]:
+    """``n_steps`` lists of ``accum`` consecutive training batches (epochs 0, 1, ... in order)."""
+    flat: list[Any] = []
+    epoch = 0
+    while len(flat) < n_steps * accum:
+        flat += list(data.batches(data.train, micro_tokens, shuffle=True, seed=seed, epoch=epoch))
+        epoch += 1
+    return [flat[i * accum:(i + 1) * accum] for i in range(n_steps)]
+
+
+def real_tokens(batch: Any) -> int:
+    """Source, <sep>, target and <eos> tokens: the trainer's count (padding excluded)."""
+    return int(batch.prefix_lens.sum()) + int(batch.n_target_tokens)
+
+
+def model_flops(batch: Any, shape: dict[str, int], with_head: bool = True) -> float:
+    """Forward + backward FLOPs of one micro-batch (the module docstring's formula)."""
+    n = real_tokens(batch)
+    T = batch.tokens.size(1)
+    params = shape["non_embedding"] + (shape["vocab"] * shape["d_model"] if with_head else 0)
+    return n * (6.0 * params + 12.0 * shape["n_layers"] * T * shape["d_model"])
+
+
+# ---------------------------------------------------------------------------------------------
+# one measurement
+
+
+def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: list[list[Any]],
+            shape: dict[str, int], deadline: common.Deadline) -> dict[str, Any]:
+    """Run the warm-up steps, then time each timed step between two synchronisations."""
+    graphs0 = _graphs()
+    common.synchronize()
+    t0 = time.perf_counter()
+    for batches in warmup:
+        step(batches)
+    common.synchronize()
+    warmup_s = time.perf_counter() - t0
+    graphs1 = _graphs()
+    times: list[float] = []
+    tokens = padded = 0
+    flops = flops_nonembed = 0.0
+    for batches in timed:
+        if times and deadline.left() < 2 * max(times):
+            break  # keep the measured steps rather than be killed mid-step
+        t0 = time.perf_counter()
+        step(batches)
+        common.synchronize()
+        times.append(time.perf_counter() - t0)
+        tokens += sum(real_tokens(b) for b in batches)
+        padded += sum(int(b.n_tokens) for b in batches)
+        flops += sum(model_flops(b, shape) for b in batches)
+        flops_nonembed += sum(model_flops(b, shape, with_head=False) for b in batches)
+    total = sum(times)
+    out: dict[str, Any] = {
+        "warmup_steps": len(warmup),
+        "warmup_s": round(warmup_s, 3),
+        "graphs_compiled_in_warmup": graphs1 - graphs0,
+        "graphs_compiled_in_timed_steps": _graphs() - graphs1,  # > 0: a recompile was timed
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "timed_steps": len(times),
+        "step_s_median": round(common.median(times), 5),
+        "step_s_min": round(min(times), 5),
+        "step_s_max": round(max(times), 5),
+        "tokens": tokens,
+        "padding_fraction": round(1 - tokens / padded, 4) if padded else None,
+        "tokens_per_s": round(tokens / total, 1),
+        "model_tflops_per_s": float(f"{flops / total / 1e12:.4g}"),
+    }
+    if common.on_gpu():
+        out["mfu"] = round(flops / total / common.H100_H200_BF16_DENSE_FLOPS, 4)
+        out["mfu_6n_nonembed"] = round(
+            flops_nonembed / total / common.H100_H200_BF16_DENSE_FLOPS, 4)
+    return out
+
+
+def _graphs() -> int:
+    """Graphs Dynamo has compiled so far in this process."""
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_ours(cfg: Any, variant: Variant, warmup: list[list[Any]], timed: list[list[Any]],
+             shape: dict[str, int], deadline: common.Deadline) -> dict[str, Any]:
+    """The trainer's step, exactly as ``fit`` calls it (the step counter advances as in fit)."""
+    run = common.trainer_run(cfg)
+
+    def step(batches: list[Any]) -> None:
+        nll, _, _, _ = run.train_step(batches)
+        if not math.isfinite(nll):
+            raise RuntimeError("non-finite loss")
+        run.progress.step += 1
+
+    result = measure(step, warmup, timed, shape, deadline)
+    result["micro_split"] = run.progress.micro_split  # > 1: the trainer hit OOM and split
+    return result
+
+
+def build_hf(cfg: Any, vocab: int, device: torch.device) -> torch.nn.Module:
+    """HF GPTNeoX with our model's shape (same parameter count when tied)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    m = cfg.model
+    hf_cfg = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads, intermediate_size=m.d_ff, hidden_act="gelu",
+        attention_dropout=m.dropout, hidden_dropout=m.dropout, max_position_embeddings=m.max_len,
+        tie_word_embeddings=m.tie_embeddings, use_parallel_residual=False, use_cache=False,
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_base,
+                         "partial_rotary_factor": 1.0},
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    torch.manual_seed(cfg.train.seed)
+    with torch.device(device):
+        model = GPTNeoXForCausalLM(hf_cfg)
+    return model.train()
+
+
+def run_hf(cfg: Any, variant: Variant, vocab: int, amp_dtype: torch.dtype | None,
+           warmup: list[list[Any]], timed: list[list[Any]], shape: dict[str, int],
+           deadline: common.Deadline) -> dict[str, Any]:
+    """A plain PyTorch training step around HF GPTNeoX (see the module docstring)."""
+    device = torch.device("cuda" if common.on_gpu() else "cpu")
+    model = build_hf(cfg, vocab, device)
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda" or None)
+    forward = torch.compile(model) if variant.compiled else model
+    params = list(model.parameters())
+
+    def step(batches: list[Any]) -> None:
+        n_target = sum(b.n_target_tokens for b in batches)
+        for b in batches:
+            tokens = b.tokens.to(device, non_blocking=True)
+            targets = b.targets.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                logits = forward(input_ids=tokens).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=-100, label_smoothing=o.label_smoothing,
+                                   reduction="sum")
+            (loss / n_target).backward()
+        torch.nn.utils.clip_grad_norm_(params, o.grad_clip or math.inf)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure(step, warmup, timed, shape, deadline)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
+    """Ratios of tokens/s at each micro-batch size; ``ours_best`` is the faster of eager and
+    compiled (``train.compile`` is a config switch)."""
+    def tps(name: str) -> float | None:
+        r = results.get(name)
+        return r.get("tokens_per_s") if r and "error" not in r else None
+
+    out: dict[str, Any] = {}
+    for size in sizes:
+        k = size_label(size)
+        ours = {m: tps(f"ours_{m}_{k}") for m in ("eager", "compiled")}
+        hf = {m: tps(f"hf_{m}_{k}") for m in ("eager", "compiled")}
+        best = max((v for v in ours.values() if v), default=None)
+        row: dict[str, Any] = {"ours_best_tokens_per_s": best}
+        for ours_mode, ours_v in (*ours.items(), ("best", best)):
+            for hf_mode, hf_v in hf.items():
+                if ours_v and hf_v:
+                    row[f"ours_{ours_mode}_vs_hf_{hf_mode}"] = round(ours_v / hf_v, 3)
+        if ours["eager"] and tps(f"ours_causal_eager_{k}"):
+            row["prefix_mask_cost"] = round(1 - ours["eager"] / tps(f"ours_causal_eager_{k}"), 3)
+        if len(row) > 1 or best:
+            out[k] = row
+    return out
+
+
+def verdict(comp: dict[str, Any], results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Targets at the report's 16k micro-batch (the first size)."""
+    if not comp:
+        return {}
+    first = next(iter(comp.values()))
+    best_mfu = max((r.get("mfu", 0.0) for n, r in results.items() if n.startswith("ours_")
+                    and "error" not in r and "skipped" not in r), default=None)
+    out: dict[str, Any] = {"targets": TARGETS}
+    if "ours_best_vs_hf_eager" in first:
+        out["vs_hf_eager"] = first["ours_best_vs_hf_eager"]
+        out["vs_hf_eager_met"] = first["ours_best_vs_hf_eager"] >= TARGETS["vs_hf_eager"]
+    if "ours_best_vs_hf_compiled" in first:
+        out["vs_hf_compiled"] = first["ours_best_vs_hf_compiled"]
+        out["vs_hf_compiled_met"] = (first["ours_best_vs_hf_compiled"]
+                                     >= TARGETS["vs_hf_compiled"])
+    if common.on_gpu() and best_mfu is not None:
+        out["mfu_best"] = best_mfu
+        out["mfu_met"] = best_mfu >= TARGETS["mfu"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = common.parser("throughput", __doc__.split("\n")[0])
+    p.add_argument("--sizes", default=None,
+                   help="micro-batch sizes in tokens, comma-separated (default 16384,32768,65536;"
+                   " --tiny: 512,1024)")
+    p.add_argument("--compile-sizes", default=None,
+                   help="sizes that also run compiled (default: all on GPU, none with --tiny)")
+    p.add_argument("--step-tokens", type=int, default=None,
+                   help="tokens per optimiser step (default 131072; --tiny 1024)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6; --tiny 2)")
+    p.add_argument("--no-hf", action="store_true", help="skip the HF reference")
+    p.add_argument("--no-causal", action="store_true", help="skip the causal-mask diagnostic")
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="wall-clock budget: variants that would not fit are skipped (default 240)")
+    args = p.parse_args(argv)
+    common.setup_logging()
+    deadline = common.Deadline(args.budget_s)
+    gpu = common.on_gpu()
+    sizes = _ints(args.sizes) or ([512, 1024] if args.tiny else [16384, 32768, 65536])
+    default_compile = [] if args.tiny or not gpu else sizes
+    compile_sizes = (_ints(args.compile_sizes) if args.compile_sizes is not None
+                     else default_compile)
+    step_tokens = args.step_tokens or (1024 if args.tiny else 131072)
+    n_timed = args.steps or (2 if args.tiny else 6)
+    warm_eager, warm_compiled = (1, 2) if args.tiny else (2, 3)
+
+    with_hf, hf_missing = not args.no_hf, None
+    if with_hf and common._version("transformers") is None:
+        with_hf, hf_missing = False, "transformers is not installed (pip install transformers)"
+    torch._dynamo.config.assume_static_by_default = False
+
+    wd = common.work_dir(args, "throughput")
+    base_cfg, corpus = common.recipe(args, wd, {"train.compile": False})
+    variants = plan(sizes, compile_sizes, with_hf, not args.no_causal)
+    config = {
+        "corpus": corpus, "batches": "real token-budget batches of the training split "
+        "(length-bucketed, shuffled, seed 1234), the same for every variant",
+        "model": asdict(base_cfg.model), "optim": asdict(base_cfg.optim),
+        "ema_decay": base_cfg.train.ema_decay, "step_tokens": step_tokens,
+        "micro_batch_tokens": sizes, "compiled_sizes": compile_sizes,
+        "timed_steps": n_timed, "warmup_steps": {"eager": warm_eager, "compiled": warm_compiled},
+        "timing": "torch.cuda.synchronize() around each timed step; warm-up excluded",
+        "flops_formula": "n_real*(6*(N_nonembed+V*d) + 12*L*T*d); MFU against 989e12",
+        "dynamo": "assume_static_by_default=False (dynamic shapes from the first compile)",
+        "reference": "HF GPTNeoXForCausalLM, same shape, sdpa, causal, plain step",
+        "variants": [v.name for v in variants],
+    }
+    report = common.Report("throughput", args, config)
+    if hf_missing:
+        report["reference_skipped"] = hf_missing
+
+    from trainer.data import prepare
+    data = prepare(base_cfg.data)
+    vocab = data.vocab_size
+    results: dict[str, dict[str, Any]] = {}
+    report["results"] = results
+    shape = {}
+    for v in variants:
+        accum = max(1, step_tokens // v.micro_tokens)
+        need = _estimate_s(v, gpu, results)
+        if deadline.left() < need:
+            results[v.name] = {"skipped": f"budget: {deadline.left():.0f} s left, ~{need:.0f} s"
+                                          " needed"}
+            log.info("%s: skipped (budget)", v.name)
+            report.save()
+            continue
+        cfg = common.apply(base_cfg, {"train.tokens_per_batch": v.micro_tokens,
+                                      "train.grad_accum": accum, "train.compile": v.compiled,
+                                      "model.attention_mask": v.mask})
+        steps = step_batches(data, v.micro_tokens, accum, warm_compiled + n_timed,
+                             base_cfg.train.seed)
+        warmup = steps[:warm_compiled if v.compiled else warm_eager]
+        timed = steps[warm_compiled:]
+        if not shape:
+            shape = _shape(cfg, vocab)
+            report["model_params"] = {"non_embedding": shape["non_embedding"],
+                                      "embedding": shape["vocab"] * shape["d_model"]}
+        log.info("%s: %d-token micro-batches x %d per step ...", v.name, v.micro_tokens, accum)
+        _reset_memory()
+        try:
+            if v.model == "ours":
+                r = run_ours(cfg, v, warmup, timed, shape, deadline)
+            else:
+                amp = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
+                r = run_hf(cfg, v, vocab, amp, warmup, timed, shape, deadline)
+        except torch.cuda.OutOfMemoryError as e:
+            r = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        r["grad_accum"] = accum
+        if gpu:
+            r["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        results[v.name] = r
+        log.info("%s: %s tok/s%s", v.name, r.get("tokens_per_s"),
+                 f", MFU {r['mfu']:.1%}" if "mfu" in r else "")
+        report["comparison"] = comparisons(results, sizes)
+        report["verdict"] = verdict(report["comparison"], results)
+        report.save()
+    report.finish("ok" if all("skipped" not in r for r in results.values()) else "partial")
+    return 0
+
+
+def _shape(cfg: Any, vocab: int) -> dict[str, int]:
+    from trainer.model import DecoderLM
+
+    with torch.device("meta"):
+        counts = DecoderLM(cfg.model, vocab, 0).param_counts()
+    return {"non_embedding": counts["non_embedding"], "vocab": vocab,
+            "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers}
+
+
+def _estimate_s(v: Variant, gpu: bool, done: dict[str, dict[str, Any]]) -> float:
+    """Seconds a variant needs at least: compilation dominates on a GPU."""
+    if not gpu:
+        return 5.0
+    if not v.compiled:
+        return 20.0
+    compiled_before = any(n.startswith(v.model) and "_compiled_" in n and "tokens_per_s" in r
+                          for n, r in done.items())
+    return 60.0 if compiled_before else 120.0  # a repeat may hit Inductor's FX graph cache
+
+
+def _reset_memory() -> None:
+    gc.collect()
+    torch._dynamo.reset()
+    counters.clear()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _ints(text: str | None) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else []
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

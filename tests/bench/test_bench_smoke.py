@@ -1,0 +1,167 @@
+"""Smoke tests of the benchmarks: each runs with ``--tiny`` on CPU and writes its JSON object.
+
+All benchmarks start at once (separate processes, so their global state stays theirs) and each
+test waits for its own; the three that need PostgreSQL use ``$TEST_DB_URL`` (default
+127.0.0.1:5432) and are skipped when no server answers. The GPU-only parts (MFU, compiled
+variants) are off on CPU by the benchmarks themselves; the HF reference runs only when
+``transformers`` is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+NEEDS_DB = {"storage_overhead", "idle", "pruning"}
+ARGS: dict[str, list[str]] = {
+    "throughput": ["--budget-s", "120"],
+    "real_run": [],
+    "real_run_describe": ["--describe"],
+    "decode": ["--repeats", "1"],
+    "storage_overhead": ["--storage", ADMIN_URL],
+    "idle": ["--storage", ADMIN_URL],
+    "pruning": ["--storage", ADMIN_URL],
+}
+COMMON_KEYS = {"bench", "status", "env", "config", "bench_wall_s"}
+ENV_KEYS = {"date", "hardware", "torch", "cuda", "gpus", "cpu", "cpu_cores", "git"}
+
+
+def _db_answers() -> bool:
+    import sqlalchemy
+
+    from storage.urls import check_url
+
+    engine = sqlalchemy.create_engine(check_url(ADMIN_URL), connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            return True
+    except sqlalchemy.exc.OperationalError:
+        return False
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """Start every benchmark; yields name -> (process, output file)."""
+    root = tmp_path_factory.mktemp("bench")
+    db = _db_answers()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "AMT_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+           "AMT_HOME": str(root / "home")}
+    started: dict[str, Any] = {}
+    for name, extra in ARGS.items():
+        if name in NEEDS_DB and not db:
+            started[name] = None
+            continue
+        out = root / f"{name}.json"
+        module = name.removesuffix("_describe")
+        cmd = [sys.executable, "-m", f"bench.{module}", "--tiny", "--out", str(out), *extra]
+        cmd += ["--work-dir", str(root / name)]
+        log = open(root / f"{name}.log", "w")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log,
+                                text=True)
+        started[name] = (proc, out, log, root / f"{name}.log")
+    yield started
+    for item in started.values():
+        if item:
+            proc, _, log, _ = item
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+
+
+def result(runs: dict[str, Any], name: str) -> dict[str, Any]:
+    """Wait for ``name``; check it printed exactly the JSON object it wrote to --out."""
+    item = runs[name]
+    if item is None:
+        pytest.skip(f"no PostgreSQL at TEST_DB_URL / 127.0.0.1:5432 for bench.{name}")
+    proc, out, _, log_path = item
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, Path(log_path).read_text()[-3000:]
+    printed = json.loads(stdout)
+    written = json.loads(Path(out).read_text())
+    assert printed == written
+    assert COMMON_KEYS <= set(written)
+    assert ENV_KEYS <= set(written["env"])
+    assert written["status"] in ("ok", "partial")
+    return written
+
+
+def test_throughput(runs: dict[str, Any]) -> None:
+    r = result(runs, "throughput")
+    for name in ("ours_eager_512", "ours_eager_1k"):
+        row = r["results"][name]
+        assert row["tokens_per_s"] > 0 and row["timed_steps"] >= 1 and row["micro_split"] == 1
+        assert "mfu" not in row  # no peak to compare with on a CPU
+    assert {"512", "1k"} <= set(r["comparison"])
+    assert r["model_params"]["non_embedding"] > 0
+    if r["env"]["packages"]["transformers"]:
+        assert r["results"]["hf_eager_512"]["tokens_per_s"] > 0
+        assert "ours_best_vs_hf_eager" in r["comparison"]["512"]
+        assert "vs_hf_eager_met" in r["verdict"]
+    else:
+        assert "transformers" in r["reference_skipped"]
+
+
+def test_real_run(runs: dict[str, Any]) -> None:
+    r = result(runs, "real_run")
+    res = r["result"]
+    assert res["steps"] == 12 and res["tokens_per_s"] > 0 and res["bleu_weights"] == "EMA"
+    assert {"val_loss", "bleu", "bleu_signature", "checkpoint"} <= set(res)
+    assert [m["step"] for m in r["loss_curve"]] == [4, 8, 12]
+    assert r["params"]["six_layer_variant"]["n_layers"] == 6
+
+
+def test_real_run_describe_has_report_counts(runs: dict[str, Any]) -> None:
+    r = result(runs, "real_run_describe")
+    assert "result" not in r and r["describe"]
+    assert r["params"]["configured"]["non_embedding"] > 0
+
+
+def test_decode(runs: dict[str, Any]) -> None:
+    r = result(runs, "decode")
+    for mode in ("cached", "uncached"):
+        assert r[mode]["eval_s"] > 0 and r[mode]["decode_s"] > 0
+    assert r["cached"]["bleu"] == r["uncached"]["bleu"]
+    assert r["comparison"]["identical_hypotheses"] == "16/16"
+    assert 0 < r["trial"]["eval_fraction_of_trial"] < 1
+    assert {"cache_speedup_met", "eval_fraction_met"} <= set(r["verdict"])
+
+
+def test_storage_overhead(runs: dict[str, Any]) -> None:
+    r = result(runs, "storage_overhead")
+    variants = {(c["variant"], c["workers"]) for c in r["concurrency"]}
+    assert {("plain", 1), ("ours", 1), ("worker_loop", 1), ("plain", 2), ("ours", 2)} <= variants
+    assert all(c["trials"] >= 8 for c in r["concurrency"] if c["variant"] != "worker_loop")
+    assert set(r["ratio_ours_vs_plain"]) == {"1", "2"}
+    assert {a["study_trials"] for a in r["ask_latency"]} == {20, 60}
+    assert all(a["ask_ms"] > 0 for a in r["ask_latency"])
+    assert "met" in r["verdict"]
+
+
+def test_idle(runs: dict[str, Any]) -> None:
+    r = result(runs, "idle")
+    assert r["trial_states"] == ["COMPLETE"] * 3
+    assert [g["trials"] for g in r["gaps"]] == [[0, 1], [1, 2]]
+    for g in r["gaps"]:
+        parts = g["after_fit_s"] + g["between_trials_s"] + g["before_fit_s"] + g["fit_setup_s"]
+        assert g["idle_s"] == pytest.approx(parts, abs=0.01)
+    assert r["verdict"]["max_idle_s"] is not None
+
+
+def test_pruning(runs: dict[str, Any]) -> None:
+    r = result(runs, "pruning")
+    seed = r["per_seed"][0]
+    assert set(seed["trials"]) == {"hyperband", "none"}
+    assert all(len(rows) == 3 for rows in seed["trials"].values())
+    assert seed["summary"]["best_bleu"] is not None
+    assert {"target_ratio", "ratio_cpu_s_to_target", "met"} <= set(r["verdict"])
