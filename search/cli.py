@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     from search import deploy
 
     deploy.register(sub)
+    from search import report
+
+    report.register(sub)
+    from search import quickstart
+
+    quickstart.register(sub)
     return parser
 
 
