@@ -611,11 +611,12 @@ def full_run_dict(cfg: SearchConfig, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def trial_train_config(
-    cfg: SearchConfig, params: dict[str, Any], *, out_dir: str | Path
+    cfg: SearchConfig, params: dict[str, Any], *, out_dir: str | Path, name: str | None = None
 ) -> TrainConfig:
     """The TrainConfig one trial trains with: the full run cut to the truncation budget."""
     t = cfg.truncation
     budget: dict[str, Any] = {
+        "name": name or cfg.name,
         "train.max_steps": t.max_steps,
         "train.max_tokens": t.max_tokens,
         "train.eval_every": t.eval_every,

@@ -108,7 +108,8 @@ class Objective:
         params = {p.name: suggest(trial, p) for p in self.cfg.space}
         out_dir = run_dir(trial.study.study_name, trial.number)
         resume = self._prepare_run_dir(trial, out_dir)
-        train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir)
+        name = f"{trial.study.study_name}-trial-{trial.number}"
+        train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir, name=name)
         trial.set_user_attr("run_dir", str(out_dir))
         trial.set_user_attr("n_params", _n_params(train_cfg))
         log.info(
