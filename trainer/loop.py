@@ -53,7 +53,7 @@ from storage.checkpoints import (
 from storage.errors import CheckpointError
 from trainer import metrics
 from trainer.config import TrainConfig, config_to_dict
-from trainer.data import Batch, PreparedData, prepare
+from trainer.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from trainer.decode import generate
 from trainer.errors import ConfigError, TrainingFailed
 from trainer.model import DecoderLM
@@ -159,10 +159,11 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label-smoothed cross-entropy (as ``F.cross_entropy``) and summed plain NLL over
-    positions whose target is not -100; the NLL makes train and val losses comparable."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    keep = targets != -100
-    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (B, T)
+    positions whose target is not -100 (logits (..., V), targets (...)); the NLL makes train
+    and val losses comparable."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
+    keep = targets != IGNORE_INDEX
+    nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (...)
     smoothed = (1 - label_smoothing) * nll - label_smoothing * logp.mean(-1)
     return (smoothed * keep).sum(), (nll * keep).sum()
 
@@ -217,11 +218,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _split_rows(batch: Batch, parts: int) -> list[tuple[torch.Tensor, ...]]:
+def _to_device(tokens: torch.Tensor, prefix_lens: torch.Tensor, targets: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(tokens, prefix_lens, select, selected targets) on ``device``: ``select`` indexes the
+    flattened positions that have a target, found on the CPU (no device sync), so the LM head
+    and softmax run only there (on the report's shape: +6 % tokens/s, -18 % peak memory)."""
+    select = (targets != IGNORE_INDEX).flatten().nonzero().squeeze(1)
+    moved = (tokens, prefix_lens, select, targets.flatten()[select])
+    return tuple(t.to(device, non_blocking=True) for t in moved)
+
+
+def _split_rows(batch: Batch, parts: int
+                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(tokens, prefix_lens, targets) of ``batch`` cut into up to ``parts`` row chunks."""
-    chunks = zip(*(t.tensor_split(parts) for t in (batch.tokens, batch.prefix_lens,
-                                                   batch.targets)), strict=True)
-    return [c for c in chunks if c[0].size(0)]
+    rows = torch.arange(batch.tokens.size(0)).tensor_split(parts)
+    return [(batch.tokens[r], batch.prefix_lens[r], batch.targets[r]) for r in rows if len(r)]
 
 
 def _real_tokens(batch: Batch) -> int:
@@ -493,15 +504,14 @@ class _Run:
         n_target = sum(b.n_target_tokens for b in batches)
         micro = [c for b in batches for c in _split_rows(b, p.micro_split)]
         nll_sum = torch.zeros((), device=self.device)
-        for i, (tokens, prefix_lens, targets) in enumerate(micro):
-            tokens, prefix_lens, targets = (t.to(self.device, non_blocking=True)
-                                            for t in (tokens, prefix_lens, targets))
+        for i, chunk in enumerate(micro):
+            tokens, prefix_lens, select, targets = _to_device(*chunk, self.device)
             last = i == len(micro) - 1
             no_sync = (self.ddp.no_sync() if self.ddp is not None and not last
                        else contextlib.nullcontext())
             with no_sync:
                 with self._autocast():
-                    logits = self.train_model(tokens, prefix_lens)
+                    logits = self.train_model(tokens, prefix_lens, select)  # (N, V)
                 loss, nll = token_losses(logits, targets, cfg.optim.label_smoothing)
                 self.scaler.scale(loss / n_target).backward()
             nll_sum += nll.detach()
@@ -557,10 +567,11 @@ class _Run:
         n_target = 0
         for batch in self.data.batches(self.eval_pairs, self.cfg.train.tokens_per_batch,
                                        shuffle=False, seed=0, epoch=0):
-            batch = batch.to(self.device, non_blocking=True)
+            tokens, prefix_lens, select, targets = _to_device(
+                batch.tokens, batch.prefix_lens, batch.targets, self.device)
             with autocast:
-                logits = model(batch.tokens, batch.prefix_lens)
-            nll_sum += token_losses(logits, batch.targets, 0.0)[1]
+                logits = model(tokens, prefix_lens, select)
+            nll_sum += token_losses(logits, targets, 0.0)[1]
             n_target += batch.n_target_tokens
         with autocast:
             hypotheses = self.translate(model, [ex.src_ids for ex in self.eval_pairs])

@@ -203,19 +203,22 @@ class DecoderLM(nn.Module):
             embedding += self.lm_head.weight.numel()
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
-    def forward(self, tokens: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, prefix_lens: torch.Tensor,
+                select: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, V) for right-padded ``tokens`` (B, T); ``prefix_lens`` (B,) counts the
-        source tokens and <sep> of each row (ignored by the ``causal`` mask)."""
+        source tokens and <sep> of each row (ignored by the ``causal`` mask). With ``select``
+        (N,), indices into the flattened B*T positions, only those logits (N, V): training
+        skips the LM head where there is no target."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         if self.cfg.attention_mask == "causal":
             mask = None  # right padding only follows real tokens: SDPA's is_causal fast path
         else:
             mask = attention_mask(torch.zeros_like(prefix_lens), prefix_lens, T, T)
-        return self.run(tokens, positions, mask)
+        return self.run(tokens, positions, mask, select=select)
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-            cache: KVCache | None = None) -> torch.Tensor:
+            cache: KVCache | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """The network on ``tokens`` (B, T) at ``positions`` (B, T) with a prepared ``mask``
         (None: causal); with ``cache``, the tokens follow the cached ones. Logits (B, T, V)."""
         x = self.wte(tokens)  # (B, T, C)
@@ -235,5 +238,7 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.length += tokens.size(1)
         x = self.norm_f(x)
+        if select is not None:
+            x = x.flatten(0, 1)[select]  # (N, C)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # (B, T, V)

@@ -119,14 +119,16 @@ def test_on_step_raise_saves_then_resume_matches(task: Path, tmp_path: Path) -> 
 
 
 def test_ema_weights_differ_and_are_what_gets_evaluated(task: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(task, tmp_path / "run", **{"train.ema_decay": 0.9})
+    # fp32 (CUDA's "auto" would evaluate in bf16) so the recomputation below matches closely
+    cfg = tiny_config(task, tmp_path / "run", **{"train.ema_decay": 0.9,
+                                                  "train.precision": "fp32"})
     result = fit(cfg)
     state = load_checkpoint(result.checkpoint)  # type: ignore[arg-type]
     raw, ema = state["model"], state["ema"]
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     data = prepare(cfg.data)
     losses = {name: val_loss(cfg, data, weights) for name, weights in (("raw", raw), ("ema", ema))}
-    assert result.val_loss == pytest.approx(losses["ema"], rel=1e-6)
+    assert result.val_loss == pytest.approx(losses["ema"], rel=1e-5)
     assert losses["raw"] != pytest.approx(losses["ema"], rel=1e-4)
 
 
@@ -165,10 +167,10 @@ def test_nan_loss_raises_training_failed(task: Path, tmp_path: Path,
     forward = DecoderLM.forward
     calls = {"n": 0}
 
-    def poisoned(self: DecoderLM, tokens: torch.Tensor, prefix_lens: torch.Tensor
-                 ) -> torch.Tensor:
+    def poisoned(self: DecoderLM, tokens: torch.Tensor, prefix_lens: torch.Tensor,
+                 select: torch.Tensor | None = None) -> torch.Tensor:
         calls["n"] += 1
-        logits = forward(self, tokens, prefix_lens)
+        logits = forward(self, tokens, prefix_lens, select)
         return logits * float("nan") if self.training and calls["n"] > 4 else logits
 
     monkeypatch.setattr(DecoderLM, "forward", poisoned)

@@ -108,3 +108,11 @@ def test_generation_stops_at_max_len() -> None:
     model = small(max_len=12)
     out = generate(model, [[5, 6, 7, 8, 9]], sep_id=1, eos_id=2, pad_id=0, max_new_tokens=50)
     assert len(out[0]) <= 12 - 6
+
+
+def test_select_gives_the_logits_of_those_positions() -> None:
+    model = small()
+    tokens, lens = torch.randint(3, 50, (2, 9)), torch.tensor([3, 5])
+    select = torch.tensor([2, 3, 8, 13, 17])  # flat indices into B*T
+    full = model(tokens, lens).flatten(0, 1)
+    torch.testing.assert_close(model(tokens, lens, select), full[select])
