@@ -14,6 +14,7 @@ searched themselves), so 768 gives the report's 12 heads and FFN 3072.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import types
@@ -345,32 +346,12 @@ def search_config_from_dict(raw: Any) -> SearchConfig:
             raise ConfigError(f"{key} is required")
     space_raw = raw.pop("space", None)
     enqueue_raw = raw.pop("enqueue", None)
-    cfg_no_space = _build(_SearchSections, raw, "")
+    sections = _build(SearchConfig, raw, "")  # space and enqueue are lists: parsed below
     space = _parse_space(space_raw)
     enqueue = _parse_enqueue(enqueue_raw, space)
-    values = {f.name: getattr(cfg_no_space, f.name) for f in fields(_SearchSections)}
-    cfg = SearchConfig(**values, space=space, enqueue=enqueue)
+    cfg = dataclasses.replace(sections, space=space, enqueue=enqueue)
     _validate_against_train_config(cfg)
     return cfg
-
-
-@dataclass(frozen=True, kw_only=True)
-class _SearchSections:
-    """SearchConfig without ``space`` and ``enqueue`` (lists, which the generic loader lacks)."""
-
-    name: str
-    direction: Literal["maximize"] = "maximize"
-    base_config: str = "train.yaml"
-    base_train: dict[str, Any] = field(default_factory=dict)
-    overrides: dict[str, Any] = field(default_factory=dict)
-    truncation: TruncationConfig
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
-    derive: DeriveConfig = field(default_factory=DeriveConfig)
-    n_trials: int | None = None
-    timeout_s: float | None = None
-    heartbeat_interval_s: int = 60
-    grace_period_s: int = 180
 
 
 def search_config_to_dict(cfg: SearchConfig) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from types import FrameType
 from typing import Any
 
 import optuna
+import sqlalchemy
 from sqlalchemy import text
 
 from search.config import SearchConfig
@@ -138,19 +139,28 @@ class StartLock:
     def acquire(self) -> None:
         if self.engine is None:
             return
-        conn = self.engine.connect()
+        try:
+            conn = self.engine.connect()
+        except sqlalchemy.exc.DBAPIError as e:  # the storage calls that follow retry
+            log.warning("start lock unavailable (%s): going on without it", type(e).__name__)
+            return
         deadline = time.monotonic() + self.timeout_s
-        while True:
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
-            conn.commit()
-            if got:
-                self.conn = conn
-                return
-            if time.monotonic() > deadline:
-                log.warning("start lock busy for %.0f s: going on without it", self.timeout_s)
-                conn.close()
-                return
-            time.sleep(0.2)
+        try:
+            while True:
+                query = text("SELECT pg_try_advisory_lock(:k)")
+                got = conn.execute(query, {"k": self.key}).scalar()
+                conn.commit()
+                if got:
+                    self.conn = conn
+                    return
+                if time.monotonic() > deadline:
+                    log.warning("start lock busy for %.0f s: going on without it", self.timeout_s)
+                    conn.close()
+                    return
+                time.sleep(0.2)
+        except sqlalchemy.exc.DBAPIError as e:
+            log.warning("start lock lost (%s): going on without it", type(e).__name__)
+            conn.invalidate()
 
     def release(self) -> None:
         conn, self.conn = self.conn, None
