@@ -203,3 +203,18 @@ def test_leaderboard_formats_and_promote(
         promote("tiny", 1)
     assert main(["promote", "--study", "tiny", "--trial", "7"]) == 2
     assert "amt-search: error: trial 7" in capsys.readouterr().err
+
+
+def test_train_command_uses_torchrun_on_several_gpus(tmp_path: Path) -> None:
+    from search.promote import train_command
+
+    config = tmp_path / "full.yaml"
+    config.write_text(yaml.safe_dump({"train": {"out_dir": str(tmp_path / "run")}}))
+    cmd, env = train_command(config, [])
+    assert cmd[1:] == ["-m", "trainer.cli", "--config", str(config)]
+    assert env["CUDA_VISIBLE_DEVICES"] == ""
+    save_checkpoint(tmp_path / "run", 5, {"step": torch.tensor(5)})  # a run to continue
+    cmd, env = train_command(config, [2, 3])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert cmd[5:] == ["-m", "trainer.cli", "--config", str(config), "--resume"]
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
