@@ -172,7 +172,7 @@ def _report(args: argparse.Namespace) -> int:
     elif args.command == "status":
         print(_format_status(leaderboard.status(study, cfg), args.format))
     else:
-        print(_format_best(study, cfg, args.format))
+        print(format_best(study, cfg, args.format))
     return 0
 
 
@@ -205,7 +205,7 @@ def _format_status(s: dict[str, Any], fmt: str) -> str:
     return "\n".join(lines)
 
 
-def _format_best(study: Any, cfg: Any, fmt: str) -> str:
+def format_best(study: Any, cfg: Any, fmt: str) -> str:
     from search import leaderboard
     from search.errors import SearchError
 

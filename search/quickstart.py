@@ -61,7 +61,7 @@ def run_quickstart(
     force_cpu: bool = False,
     report_dir: str | None = None,
 ) -> int:
-    from search.commands import _format_best as format_best
+    from search.commands import format_best
     from search.config import load_search_config
     from search.errors import SearchError
     from search.launch import detect_gpus, launch
