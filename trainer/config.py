@@ -146,7 +146,7 @@ class TrainingConfig:
     tokens_per_batch: int = 16384  # per GPU and micro-batch (padding included)
     grad_accum: int = 8
     max_steps: int = 100000  # optimiser steps
-    max_tokens: int | None = None  # alternative budget: stop after this many target tokens
+    max_tokens: int | None = None  # alternative budget: tokens trained on (src+tgt, no padding)
     max_time_s: float | None = None  # wall-clock budget
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16 on GPUs with it
     compile: bool = False
