@@ -285,7 +285,9 @@ class ResilientRDBStorage(RDBStorage):
                             _first_line(e),
                             self.retry_for_s,
                         )
-                    time.sleep(delay * random.uniform(0.75, 1.25))
+                    # jitter below the delay only: no pause exceeds _BACKOFF_MAX_S, the margin
+                    # the grace period keeps over the heartbeat interval
+                    time.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(2 * delay, _BACKOFF_MAX_S)
                     n += 1
                     continue

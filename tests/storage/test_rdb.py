@@ -13,7 +13,7 @@ import sqlalchemy
 from optuna.storages import RDBStorage, fail_stale_trials
 from optuna.trial import TrialState
 
-from storage import open_storage
+from storage import StorageError, open_storage, rdb
 from storage.rdb import CREATE_TOKEN_KEY
 from tests.storage.conftest import finish, spawn
 
@@ -131,6 +131,32 @@ def test_stopped_worker_holding_a_lock_does_not_block_others(pg_url: str) -> Non
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_no_retry_pause_exceeds_the_backoff_cap(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # grace_period >= heartbeat_interval + 5 s holds only if a heartbeat retrying through an
+    # outage never sleeps longer than 5 s between two attempts.
+    storage = open_storage(pg_url, retry_for_s=60)
+    clock = {"now": 0.0}
+    pauses: list[float] = []
+
+    def sleep(s: float) -> None:
+        pauses.append(s)
+        clock["now"] += s
+
+    monkeypatch.setattr(rdb.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(rdb.time, "sleep", sleep)
+    monkeypatch.setattr(rdb.random, "uniform", lambda low, high: high)  # the worst jitter
+
+    def down(n: int) -> None:
+        raise _connection_lost()
+
+    with pytest.raises(StorageError, match="unavailable for 60 s"):
+        storage._with_retries(down)
+    monkeypatch.undo()
+    assert len(pauses) > 10 and max(pauses) <= rdb._BACKOFF_MAX_S
 
 
 def _connection_lost() -> sqlalchemy.exc.OperationalError:
