@@ -1,7 +1,10 @@
 """``amt-search worker``: one process, one GPU (or the CPU), trials until the study is done.
 
 The worker runs one trial at a time through ``study.optimize`` (so Optuna's heartbeat
-thread runs and stale trials of dead workers are failed and re-enqueued before each trial).
+thread runs). Stale trials of dead or frozen workers are failed and re-enqueued before each
+trial and, by a thread of every worker, every heartbeat interval: a killed worker's trial is
+FAIL, with its retry queued, one interval after its grace period ends, also while every live
+worker is busy with a trial of its own.
 The study's ``n_trials`` counts finished trials over the whole study, one per retry chain
 (:func:`search.study.count_trials`): complete, pruned and failed-for-good alike, so a
 study of NaN-prone trials still ends. Deciding to start a trial and creating it happen
@@ -66,14 +69,46 @@ def run_worker(
     objective.on_trial_start.append(lambda trial: lock.release())
     where = "CPU" if gpu is None else f"GPU {gpu}"
     log.info("worker %d on %s: study %s", index, where, study_name)
+    done = threading.Event()
+    sweeper = threading.Thread(
+        target=_sweep_stale_trials,
+        args=(study, cfg.heartbeat_interval_s, done),
+        name="stale-trials",
+        daemon=True,
+    )
+    sweeper.start()
+    try:
+        ran = _run_trials(study, cfg, objective, lock, stop, n_trials)
+    finally:
+        done.set()
+    counts = count_trials(study.get_trials(deepcopy=False))
+    log.info(
+        "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, %d running",
+        index,
+        ran,
+        counts.complete,
+        counts.pruned,
+        counts.failed,
+        counts.running,
+    )
+    return 0
+
+
+def _run_trials(
+    study: optuna.Study,
+    cfg: SearchConfig,
+    objective: Objective,
+    lock: StartLock,
+    stop: threading.Event,
+    n_trials: int | None,
+) -> int:
+    """The worker's loop; returns the number of trials it ran."""
     ran = 0
     while not stop.is_set():
         if n_trials is not None and ran >= n_trials:
             log.info("ran %d trials (--n-trials): leaving", ran)
             break
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # dead workers' trials -> retries
+        _fail_stale_trials(study)
         lock.acquire()
         try:
             action = next_action(study, cfg)
@@ -88,17 +123,23 @@ def run_worker(
         if action == "done":
             break
         stop.wait(2.0)  # the last trials run elsewhere; one may die and need a retry
-    counts = count_trials(study.get_trials(deepcopy=False))
-    log.info(
-        "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, %d running",
-        index,
-        ran,
-        counts.complete,
-        counts.pruned,
-        counts.failed,
-        counts.running,
-    )
-    return 0
+    return ran
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Fail the trials of dead workers and queue their retries (the storage's callback)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
+def _sweep_stale_trials(study: optuna.Study, every_s: float, done: threading.Event) -> None:
+    """Fail stale trials every ``every_s`` seconds until ``done`` is set."""
+    while not done.wait(every_s):
+        try:
+            _fail_stale_trials(study)
+        except Exception as e:  # e.g. the storage gave up during a long outage: next round
+            log.warning("stale-trial check failed (%s): trying again in %.0f s", e, every_s)
 
 
 def next_action(study: optuna.Study, cfg: SearchConfig) -> str:
