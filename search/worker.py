@@ -164,17 +164,24 @@ def _elapsed_s(start: datetime.datetime) -> float:
 
 
 class StartLock:
-    """A PostgreSQL session advisory lock per study, held from "is there budget left?" until
-    the trial exists. ``pg_try_advisory_lock`` in a loop: a stopped (SIGSTOP) holder cannot
-    block the others for more than ``timeout_s``; after that they go on without it."""
+    """A PostgreSQL advisory lock per study, held from "is there budget left?" until the trial
+    exists: ``pg_try_advisory_xact_lock`` in a transaction left open on its own connection.
 
-    def __init__(self, storage: Any, study_name: str, timeout_s: float = 30.0) -> None:
+    A holder that freezes (SIGSTOP, a hung disk) loses it after ``hold_s``: the transaction
+    sets ``idle_in_transaction_session_timeout``, so the server ends that session and the lock
+    goes with it. Waiters poll for up to ``timeout_s``, then go on without it.
+    """
+
+    def __init__(
+        self, storage: Any, study_name: str, timeout_s: float = 30.0, hold_s: float = 10.0
+    ) -> None:
         engine = getattr(storage, "engine", None)
         self.engine = (
             engine if engine is not None and engine.dialect.name == "postgresql" else None
         )
         self.key = zlib.crc32(f"amt-search:{study_name}".encode())
         self.timeout_s = timeout_s
+        self.hold_ms = int(hold_s * 1000)
         self.conn: Any = None
 
     def acquire(self) -> None:
@@ -186,14 +193,15 @@ class StartLock:
             log.warning("start lock unavailable (%s): going on without it", type(e).__name__)
             return
         deadline = time.monotonic() + self.timeout_s
+        bound = text(f"SET LOCAL idle_in_transaction_session_timeout = {self.hold_ms}")
+        query = text("SELECT pg_try_advisory_xact_lock(:k)")
         try:
             while True:
-                query = text("SELECT pg_try_advisory_lock(:k)")
-                got = conn.execute(query, {"k": self.key}).scalar()
-                conn.commit()
-                if got:
-                    self.conn = conn
+                conn.execute(bound)
+                if conn.execute(query, {"k": self.key}).scalar():
+                    self.conn = conn  # the transaction stays open: it holds the lock
                     return
+                conn.rollback()
                 if time.monotonic() > deadline:
                     log.warning("start lock busy for %.0f s: going on without it", self.timeout_s)
                     conn.close()
@@ -208,10 +216,10 @@ class StartLock:
         if conn is None:
             return
         try:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-            conn.commit()
+            conn.commit()  # the lock ends with the transaction
             conn.close()
-        except Exception:  # the server went away: the lock went with the session
+        except Exception as e:  # held too long (the server ended the session) or server gone
+            log.warning("start lock was lost while held (%s)", type(e).__name__)
             conn.invalidate()
 
 
