@@ -13,7 +13,10 @@ Failure handling:
   micro-batch) ends the trial FAIL with ``fail_reason`` in its user attributes; it is not
   retried (only stale or stopped trials are) and the worker goes on;
 * SIGTERM (``stop`` set): the next optimiser step raises :class:`WorkerStopped`, ``fit``
-  saves, the trial is re-enqueued for retry, and the exception ends the worker's loop.
+  saves, the trial is re-enqueued for retry, and the exception ends the worker's loop;
+* a worker frozen (SIGSTOP) past the grace period finds its trial failed and retried by
+  another worker: the storage refuses the trial's next write and the call raises
+  :class:`TrialLost`; the worker drops the trial and goes on.
 """
 
 from __future__ import annotations
@@ -38,13 +41,17 @@ from storage.paths import state_dir
 from trainer.config import TrainConfig
 from trainer.errors import TrainingFailed
 
-__all__ = ["Objective", "PruningCallback", "WorkerStopped", "run_dir"]
+__all__ = ["Objective", "PruningCallback", "TrialLost", "WorkerStopped", "run_dir"]
 
 log = logging.getLogger(__name__)
 
 
 class WorkerStopped(Exception):
     """The worker was asked to stop (SIGTERM); the trial saved and was re-enqueued."""
+
+
+class TrialLost(Exception):
+    """Another worker failed this worker's trial as stale and queued its retry."""
 
 
 def run_dir(study_name: str, trial_number: int) -> Path:
@@ -101,10 +108,22 @@ class Objective:
         self.stop = stop
         self.device = device  # "cuda" or "cpu": what the compute seconds are
         self.on_trial_start: list[Any] = []  # called with the trial once it exists
+        self.lost: int | None = None  # the trial the last call lost (raised TrialLost)
 
     def __call__(self, trial: optuna.Trial) -> float:
         for fn in self.on_trial_start:
             fn(trial)
+        self.lost = None
+        try:
+            return self._run(trial)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            self.lost = trial.number
+            raise TrialLost(
+                f"trial {trial.number} was failed by another worker while this one was stopped "
+                "for longer than the grace period; its retry runs there"
+            ) from e
+
+    def _run(self, trial: optuna.Trial) -> float:
         params = {p.name: suggest(trial, p) for p in self.cfg.space}
         out_dir = run_dir(trial.study.study_name, trial.number)
         resume = self._prepare_run_dir(trial, out_dir)

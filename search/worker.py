@@ -34,7 +34,7 @@ import sqlalchemy
 from sqlalchemy import text
 
 from search.config import SearchConfig
-from search.objective import Objective, WorkerStopped
+from search.objective import Objective, TrialLost, WorkerStopped
 from search.study import count_trials, load_study, open_worker_storage
 from trainer.errors import TrainingFailed
 
@@ -113,7 +113,13 @@ def _run_trials(
         try:
             action = next_action(study, cfg)
             if action == "run":
-                study.optimize(objective, n_trials=1, catch=(TrainingFailed,))
+                try:
+                    study.optimize(objective, n_trials=1, catch=(TrainingFailed,))
+                except Exception:  # Optuna cannot tell the result of a lost trial either
+                    if objective.lost is None:
+                        raise
+                    log.warning("trial %d: lost while this worker was stopped, dropped; "
+                                "its retry runs elsewhere", objective.lost)
                 ran += 1
                 continue
         except WorkerStopped:
@@ -241,7 +247,7 @@ class _ExpectedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (TrainingFailed, WorkerStopped)):
+        if isinstance(exc, (TrainingFailed, TrialLost, WorkerStopped)):
             return False
         return "failed with value None" not in record.getMessage()
 
