@@ -17,8 +17,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-import torch
-
 from storage.errors import CheckpointError, StorageError
 from trainer.config import TrainConfig, load_config, parse_override
 from trainer.errors import ConfigError, TrainingFailed
@@ -58,6 +56,8 @@ def load(args: argparse.Namespace) -> TrainConfig:
 
 def describe(cfg: TrainConfig) -> str:
     """Shape and parameter counts, built on the meta device with ``data.vocab_size``."""
+    import torch  # here, not at the top: bad input fails before torch's import (seconds)
+
     from trainer.model import DecoderLM
 
     with torch.device("meta"):
