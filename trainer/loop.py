@@ -44,7 +44,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from storage.checkpoints import (
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     sha256_file,
@@ -149,11 +148,13 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
         if resume:
             log.warning("no checkpoint in %s: starting from scratch", out_dir)
         return None
-    ckpt = latest_checkpoint(out_dir)
-    if ckpt is None:
+    good = [c for c in listed if c.ok]
+    if not good:  # the error says why; no warning per checkpoint before it
         raise CheckpointError(f"no checkpoint in {out_dir} verifies (the newest, "
                               f"{listed[-1].path.name}, {listed[-1].problem})")
-    return ckpt
+    for skipped in listed[listed.index(good[-1]) + 1:]:
+        log.warning("skipping checkpoint %s: it %s", skipped.path, skipped.problem)
+    return good[-1].path
 
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float
