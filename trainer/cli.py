@@ -26,13 +26,15 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line, ``PROG: error: ... — see 'PROG --help'``."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} — see '{self.prog} --help'\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="amt-train", description=(
+    parser = Parser(prog="amt-train", description=(
         "Train the AMT decoder (Report 03) on a parallel corpus; multi-GPU with "
         "'torchrun --nproc-per-node N -m trainer.cli --config ...'."))
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/bible.yaml")

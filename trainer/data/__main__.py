@@ -12,6 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from trainer.cli import Parser
 from trainer.config import DataConfig, load_config
 from trainer.data.corpus import bible_translations, export_tsv
 from trainer.data.prepared import prepare
@@ -39,11 +40,11 @@ The data pipeline's command line.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--list", action="store_true", help="list the Bible translations and exit")
-    sub = parser.add_subparsers(dest="command", metavar="{export,prepare}")
+    sub = parser.add_subparsers(dest="command", metavar="{export,prepare}", parser_class=Parser)
 
     export = sub.add_parser("export", help="write a corpus's splits to TSV files")
     _corpus_arguments(export)
