@@ -16,6 +16,7 @@ import os
 import platform
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,10 +55,17 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup_logging() -> None:
+def setup() -> None:
+    """Logs to stderr, no progress bars; SIGTERM (a time limit) exits through ``finally``
+    blocks, so scratch databases are dropped and the partial JSON stays."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     os.environ.setdefault("AMT_PROGRESS", "0")  # no tqdm bars in benchmark logs
+    signal.signal(signal.SIGTERM, _exit_on_term)
+
+
+def _exit_on_term(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Report:
@@ -123,7 +131,7 @@ def environment() -> dict[str, Any]:
         "gpu_driver": _nvidia_driver() if gpus else None,
         "cpu": _cpu_model(),
         "cpu_cores": cores,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "git": _git_commit(),
     }
     env["hardware"] = hardware_slug(gpus, env["cpu"], cores or 1)
@@ -162,7 +170,7 @@ def _nvidia_driver() -> str | None:
     return out.stdout.split("\n")[0].strip() or None
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -326,6 +334,21 @@ def small_task_search(wd: Path, name: str, *, pruner: str, n_trials: int, seed: 
         "n_trials": n_trials,
     }
     return search_config_from_dict(raw)
+
+
+def run_study_worker(name: str, url: str, gpu: int | None, n_trials: int) -> None:
+    """``search.worker.run_worker`` until the study is done. The worker handles SIGTERM itself
+    (the running trial saves and is re-enqueued, the worker returns); a study left unfinished
+    means it was stopped, so the benchmark stops too."""
+    import optuna
+
+    from search.study import count_trials
+    from search.worker import run_worker
+
+    run_worker(name, gpu=gpu, storage_url=url)
+    trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    if count_trials(trials).finished < n_trials:
+        raise SystemExit(f"bench: study {name} stopped before its {n_trials} trials (SIGTERM)")
 
 
 def amt_home(wd: Path) -> None:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-subset", type=int, default=16, help="pairs per evaluation (16)")
     p.add_argument("--cpu", action="store_true", help="run the trials on the CPU")
     args = p.parse_args(argv)
-    common.setup_logging()
+    common.setup()
     wd = common.work_dir(args, "idle")
     common.amt_home(wd)
     gpu = None if args.cpu or not common.on_gpu() else 0
@@ -144,11 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         from search.study import create_study
-        from search.worker import run_worker
 
         instrument()
         create_study(cfg, dbs.url("idle"))
-        run_worker(name, gpu=gpu, storage_url=dbs.url("idle"))
+        common.run_study_worker(name, dbs.url("idle"), gpu, args.trials)
         trials = sorted(optuna.load_study(study_name=name, storage=dbs.url("idle"))
                         .get_trials(deepcopy=False), key=lambda t: t.number)
         report["trial_states"] = [t.state.name for t in trials]

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", action="store_true",
                    help="only print the parameter counts (loads no data)")
     args = p.parse_args(argv)
-    common.setup_logging()
+    common.setup()
     max_steps = args.max_steps or (12 if args.tiny else 240)
     max_time = args.max_time_s or (60.0 if args.tiny else 170.0)
     overrides: dict[str, Any] = {
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "bleu": round(r.bleu, 2),
         "bleu_weights": "EMA" if cfg.train.ema_decay > 0 else "raw",
         "bleu_signature": r.bleu_signature,
+        "test_bleu": getattr(r, "test_bleu", None),  # eval.test: the whole test split
         "best_val_loss": round(r.best_val_loss, 4),
         "best_step": r.best_step,
         "steps": r.steps,
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": r.checkpoint,
         "run_dir": cfg.train.out_dir,
     }
-    keys = ("step", "tokens", "train_loss", "val_loss", "bleu", "lr", "tokens_per_s", "elapsed_s")
+    keys = ("step", "tokens", "train_loss", "val_loss", "bleu", "ndd", "lr", "tokens_per_s",
+            "elapsed_s")
     report["loss_curve"] = [{k: _round(m[k]) for k in keys if k in m} for m in r.history]
     report.finish()
     return 0

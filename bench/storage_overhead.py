@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker counts for the worker_loop variant (default 1,8; --tiny 1; "
                    "'' for none); each of its processes imports torch")
     p.add_argument("--trials", type=int, default=None,
-                   help="trials per run, split over the workers (default 256; --tiny 8)")
+                   help="trials per run, split over the workers (default 128; --tiny 8)")
     p.add_argument("--rounds", type=int, default=None,
                    help="runs of each variant per worker count, alternating; the fastest counts"
                    " (default 2; --tiny 1)")
@@ -279,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None,
                    help="asks timed per size and variant (default 30; --tiny 3)")
     args = p.parse_args(argv)
-    common.setup_logging()
+    common.setup()
     workers = _ints(args.workers) or ([1, 2] if args.tiny else [1, 8, 32])
     loop_spec = args.loop_workers if args.loop_workers is not None else (
         "1" if args.tiny else "1,8")
     loop_workers = _ints(loop_spec)
-    trials = args.trials or (8 if args.tiny else 256)
+    trials = args.trials or (8 if args.tiny else 128)
     sizes = _ints(args.study_sizes) or ([20, 60] if args.tiny else [1000, 5000])
     repeats = args.repeats or (3 if args.tiny else 30)
     rounds = args.rounds or (1 if args.tiny else 2)

@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="wall-clock budget: variants that would not fit are skipped (default 240)")
     args = p.parse_args(argv)
-    common.setup_logging()
+    common.setup()
     deadline = common.Deadline(args.budget_s)
     gpu = common.on_gpu()
     sizes = _ints(args.sizes) or ([512, 1024] if args.tiny else [16384, 32768, 65536])
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_eager, warm_compiled = (1, 2) if args.tiny else (2, 3)
 
     with_hf, hf_missing = not args.no_hf, None
-    if with_hf and common._version("transformers") is None:
+    if with_hf and common.package_version("transformers") is None:
         with_hf, hf_missing = False, "transformers is not installed (pip install transformers)"
     torch._dynamo.config.assume_static_by_default = False
 
@@ -378,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 amp = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
                 r = run_hf(cfg, v, vocab, amp, warmup, timed, shape, deadline)
-        except torch.cuda.OutOfMemoryError as e:
-            r = {"error": f"out of memory: {str(e).splitlines()[0]}"}
+        except Exception as e:  # OOM, a compiler error: record it, measure the next variant
+            log.exception("%s failed", v.name)
+            r = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}
         r["grad_accum"] = accum
         if gpu:
             r["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)

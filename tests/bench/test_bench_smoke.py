@@ -1,7 +1,7 @@
 """Smoke tests of the benchmarks: each runs with ``--tiny`` on CPU and writes its JSON object.
 
 All benchmarks start at once (separate processes, so their global state stays theirs) and each
-test waits for its own; the three that need PostgreSQL use ``$TEST_DB_URL`` (default
+test waits for its own; the four that need PostgreSQL use ``$TEST_DB_URL`` (default
 127.0.0.1:5432) and are skipped when no server answers. The GPU-only parts (MFU, compiled
 variants) are off on CPU by the benchmarks themselves; the HF reference runs only when
 ``transformers`` is installed.
@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-NEEDS_DB = {"storage_overhead", "idle", "pruning"}
+NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120"],
     "real_run": [],
@@ -30,6 +30,7 @@ ARGS: dict[str, list[str]] = {
     "storage_overhead": ["--storage", ADMIN_URL],
     "idle": ["--storage", ADMIN_URL],
     "pruning": ["--storage", ADMIN_URL],
+    "scaling": ["--storage", ADMIN_URL, "--trials", "2", "--max-steps", "2"],
 }
 COMMON_KEYS = {"bench", "status", "env", "config", "bench_wall_s"}
 ENV_KEYS = {"date", "hardware", "torch", "cuda", "gpus", "cpu", "cpu_cores", "git"}
@@ -165,3 +166,11 @@ def test_pruning(runs: dict[str, Any]) -> None:
     assert all(len(rows) == 3 for rows in seed["trials"].values())
     assert seed["summary"]["best_bleu"] is not None
     assert {"target_ratio", "ratio_cpu_s_to_target", "met"} <= set(r["verdict"])
+
+
+def test_scaling(runs: dict[str, Any]) -> None:
+    r = result(runs, "scaling")
+    assert [run["workers"] for run in r["runs"]] == [1, 2]
+    for run in r["runs"]:
+        assert run["finished"] == 2 and run["trial_steps"] == 4 and run["trial_steps_per_hour"]
+    assert "scaling_2" in r["verdict"] and "scaling_2_met" not in r["verdict"]  # CPU: no target
