@@ -6,7 +6,9 @@ flaky machines.
   (max_retry=1)``). Beyond Optuna, a RUNNING trial that never beat (its worker died between
   creating it and the first heartbeat) is stale once it is ``grace_period`` old, and nothing is
   declared stale while the server has been up for less than ``grace_period``: after a restart,
-  live workers first get the chance to beat again.
+  live workers first get the chance to beat again. A stale trial's retry is queued before the
+  trial is failed, and a retry's creation token names the trial it retries: a worker killed
+  half-way through failing a trial cannot leave it unretried, and no trial is retried twice.
 - Connections: ``pool_pre_ping``, a pool sized for the worker threads, TCP keepalives,
   ``connect_timeout``, and server-side ``lock_timeout`` and ``idle_in_transaction_session_timeout``
   so that a frozen worker (SIGSTOP, a hung NFS read) holding a transaction cannot block the
@@ -300,7 +302,9 @@ class ResilientRDBStorage(RDBStorage):
     def _create_new_trial(
         self, study_id: int, template_trial: FrozenTrial | None = None
     ) -> FrozenTrial:
-        token = uuid.uuid4().hex
+        history = template_trial.system_attrs.get("retry_history") if template_trial else None
+        # a retry of trial N is made once, however many processes queue it, however often
+        token = f"retry:{study_id}:{history[-1]}" if history else uuid.uuid4().hex
         template = _with_token(template_trial, token)
 
         def attempt(n: int) -> FrozenTrial:
@@ -360,6 +364,21 @@ class ResilientRDBStorage(RDBStorage):
         return self._with_retries(attempt)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """The stale trials of the study, each with its retry queued already.
+
+        Optuna's ``fail_stale_trials`` fails them, then queues their retries (the callback):
+        two transactions, and a worker killed between them left a FAIL trial that was never
+        retried. Queued here first, the retry exists before the trial fails; the callback's
+        second call is a no-op (the retry's creation token is taken)."""
+        stale = self._stale_trial_ids(study_id)
+        callback = self.get_heartbeat_stale_trial_callback()
+        if stale and callback is not None:
+            study = optuna.Study(self.get_study_name_from_id(study_id), self)
+            for trial_id in stale:
+                callback(study, self.get_trial(trial_id))
+        return stale
+
+    def _stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.heartbeat_interval is not None
         grace = self.grace_period or 2 * self.heartbeat_interval
         with self.engine.connect() as conn:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import optuna
 import psutil
@@ -108,6 +109,22 @@ def test_killed_worker_leaves_no_running_trial(pg_url: str) -> None:
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
     assert [t.system_attrs["failed_trial"] for t in trials[2:]] == [0, 1]
+
+
+def test_a_stale_trial_is_retried_once_even_if_its_failer_dies(pg_url: str) -> None:
+    storage = open_storage(pg_url, heartbeat_interval=1, grace_period=6)
+    study = optuna.create_study(storage=storage, study_name="retry-once")
+    dead = optuna.trial.create_trial(state=TrialState.RUNNING)  # its worker died before beating
+    dead.datetime_start = datetime.now() - timedelta(seconds=60)
+    trial_id = storage.create_new_trial(study._study_id, template_trial=dead)
+    # a worker that found it stale, then was killed before failing it: the retry is queued
+    assert storage._get_stale_trial_ids(study._study_id) == [trial_id]
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING, TrialState.WAITING]
+    fail_stale_trials(study)  # the next worker fails it; its callback queues no second retry
+    fail_stale_trials(study)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[1].system_attrs["retry_history"] == [0]
 
 
 def test_stopped_worker_holding_a_lock_does_not_block_others(pg_url: str) -> None:
