@@ -55,7 +55,7 @@ def parser(name: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup() -> None:
+def setup_logging() -> None:
     """Logs to stderr, no progress bars; SIGTERM (a time limit) exits through ``finally``
     blocks, so scratch databases are dropped and the partial JSON stays."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,

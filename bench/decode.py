@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="no further repeat starts when it would overrun this (default 150)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     deadline = common.Deadline(args.budget_s)
     budget = trial_budget()
     subset = args.eval_subset or (16 if args.tiny else budget["eval_subset"])
@@ -176,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     })
     run = common.trainer_run(cfg)
     if args.from_run:
-        state = load_checkpoint(latest_checkpoint(Path(args.from_run)))
+        checkpoint = latest_checkpoint(Path(args.from_run))
+        if checkpoint is None:
+            raise SystemExit(f"bench: error: no verified checkpoint in {args.from_run}")
+        state = load_checkpoint(checkpoint)
         run.model.load_state_dict(state["model"])
         if run.ema is not None and state.get("ema") is not None:
             run.ema.load_state_dict(state["ema"])

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-subset", type=int, default=16, help="pairs per evaluation (16)")
     p.add_argument("--cpu", action="store_true", help="run the trials on the CPU")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     wd = common.work_dir(args, "idle")
     common.amt_home(wd)
     gpu = None if args.cpu or not common.on_gpu() else 0

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="CPU threads for PyTorch (1: a worker per core; oversubscribed "
                    "threads spin and inflate CPU-seconds)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     import torch
 
     torch.set_num_threads(args.threads)

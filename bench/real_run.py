@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--describe", action="store_true",
                    help="only print the parameter counts (loads no data)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     max_steps = args.max_steps or (12 if args.tiny else 240)
     max_time = args.max_time_s or (60.0 if args.tiny else 170.0)
     overrides: dict[str, Any] = {

@@ -58,7 +58,7 @@ def slice_config(args: Any, wd: Any, name: str, n_trials: int) -> Any:
 def worker(name: str, url: str, gpu: int | None, index: int, amt_home: str) -> None:
     os.environ["AMT_HOME"] = amt_home
     os.environ.setdefault("AMT_PROGRESS", "0")
-    common.setup()
+    common.setup_logging()
     from search.worker import run_worker
 
     run_worker(name, gpu=gpu, storage_url=url, worker_index=index)
@@ -81,13 +81,13 @@ def run_slice(args: Any, wd: Any, url: str, name: str, n_workers: int, gpus: lis
     for proc in procs:
         proc.join()
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    done = [t for t in trials if t.state.name == "COMPLETE"]
+    done = [t for t in trials if t.state.name == "COMPLETE"
+            and t.datetime_start is not None and t.datetime_complete is not None]
     if not done:
         states = [t.state.name for t in trials]
         return {"workers": n_workers, "error": f"no trial finished: {states}"}
-    first = min(t.datetime_start for t in done)
-    last = max(t.datetime_complete for t in done)
-    span = (last - first).total_seconds()
+    span = (max(t.datetime_complete.timestamp() for t in done if t.datetime_complete)
+            - min(t.datetime_start.timestamp() for t in done if t.datetime_start))
     steps = sum(int(t.user_attrs.get("steps", 0)) for t in done)
     return {"workers": n_workers, "gpus": gpus[:n_workers], "finished": len(done),
             "states": [t.state.name for t in trials], "trial_steps": steps,
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="optimiser steps per trial (default 20; --tiny 6)")
     p.add_argument("--eval-subset", type=int, default=32, help="pairs per evaluation (32)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     import torch
 
     n_gpus = torch.cuda.device_count()

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None,
                    help="asks timed per size and variant (default 30; --tiny 3)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     workers = _ints(args.workers) or ([1, 2] if args.tiny else [1, 8, 32])
     loop_spec = args.loop_workers if args.loop_workers is not None else (
         "1" if args.tiny else "1,8")
@@ -353,11 +353,11 @@ def _run(report: common.Report, dbs: common.ScratchDatabases, workers: list[int]
         fill_s = fill(urls["ours"], name, size)
         log.info("study filled to %d trials (%.1f s)", size, fill_s)
         for variant in ("plain", "ours"):
-            r = ask_latency(variant, urls["ours"], name, repeats)
-            latency.append({"study_trials": size, "variant": variant, **r})
-            log.info("ask latency, %s, %d trials: %s", variant, size, r)
+            medians = ask_latency(variant, urls["ours"], name, repeats)
+            latency.append({"study_trials": size, "variant": variant, **medians})
+            log.info("ask latency, %s, %d trials: %s", variant, size, medians)
             report.save()
-    worst = max(r["ours"] for r in ratios.values())
+    worst = max(row["ours"] for row in ratios.values())
     report["verdict"] = {"target_ratio": TARGET_RATIO, "worst_ratio_ours": worst,
                          "met": worst <= TARGET_RATIO}
 

@@ -265,8 +265,9 @@ def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[st
             for hf_mode, hf_v in hf.items():
                 if ours_v and hf_v:
                     row[f"ours_{ours_mode}_vs_hf_{hf_mode}"] = round(ours_v / hf_v, 3)
-        if ours["eager"] and tps(f"ours_causal_eager_{k}"):
-            row["prefix_mask_cost"] = round(1 - ours["eager"] / tps(f"ours_causal_eager_{k}"), 3)
+        causal = tps(f"ours_causal_eager_{k}")
+        if ours["eager"] and causal:
+            row["prefix_mask_cost"] = round(1 - ours["eager"] / causal, 3)
         if len(row) > 1 or best:
             out[k] = row
     return out
@@ -308,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="wall-clock budget: variants that would not fit are skipped (default 240)")
     args = p.parse_args(argv)
-    common.setup()
+    common.setup_logging()
     deadline = common.Deadline(args.budget_s)
     gpu = common.on_gpu()
     sizes = _ints(args.sizes) or ([512, 1024] if args.tiny else [16384, 32768, 65536])
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     vocab = data.vocab_size
     results: dict[str, dict[str, Any]] = {}
     report["results"] = results
-    shape = {}
+    shape: dict[str, int] = {}
     for v in variants:
         accum = max(1, step_tokens // v.micro_tokens)
         need = _estimate_s(v, gpu, results)
