@@ -136,7 +136,7 @@ def write_report(
             not_drawn[name] = str(e)
             log.warning("%s not drawn: %s", name, e)
             continue
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
         log.info("wrote %s", path)
 
     text = summary_markdown(
