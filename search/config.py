@@ -23,14 +23,13 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from trainer.config import (
     TrainConfig,
     _build,
     _coerce,
     apply_overrides,
     config_from_dict,
+    read_yaml,
 )
 from trainer.errors import ConfigError
 
@@ -289,7 +288,7 @@ def load_search_config(path: str | Path) -> SearchConfig:
             the message names the file and the key path.
     """
     p = Path(path)
-    raw = _read_yaml(p)
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping, got {type(raw).__name__}")
     if "base_train" in raw:
@@ -299,7 +298,7 @@ def load_search_config(path: str | Path) -> SearchConfig:
         raise ConfigError(f"{p}: base_config must be a path, got {base!r}")
     base_path = Path(base) if Path(base).is_absolute() else p.parent / base
     try:
-        base_raw = _read_yaml(base_path)
+        base_raw = read_yaml(base_path)
     except ConfigError as e:
         raise ConfigError(f"{p}: base_config: {e}") from None
     if not isinstance(base_raw, dict):
@@ -308,23 +307,6 @@ def load_search_config(path: str | Path) -> SearchConfig:
         return search_config_from_dict({**raw, "base_train": base_raw})
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
-
-
-def _read_yaml(p: Path) -> Any:
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(
-            f"{p}:{where}: {getattr(e, 'problem', None) or 'invalid YAML'}"
-        ) from None
 
 
 def search_config_from_dict(raw: Any) -> SearchConfig:

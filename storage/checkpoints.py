@@ -21,17 +21,17 @@ import json
 import logging
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from storage.errors import CheckpointError
+from storage.files import atomic_write
 
 MANIFEST = "manifest.json"
 _LOCK = ".manifest.lock"
@@ -72,7 +72,7 @@ def save_checkpoint(run_dir: Path | str, step: int, state: dict[str, Any], keep:
         _remove_dead_temps(run_dir)
         entries = [e for e in _read_manifest(run_dir) if e["file"] != path.name]
         try:
-            _write_atomic(path, lambda f: torch.save(state, f))
+            atomic_write(path, lambda f: torch.save(state, f))
         except Exception as e:  # torch reports a failed write (ENOSPC) as a RuntimeError
             raise _write_failed(path, e) from e
         entry = {
@@ -85,7 +85,7 @@ def save_checkpoint(run_dir: Path | str, step: int, state: dict[str, Any], keep:
         kept, dropped = [*entries, entry][-keep:], [*entries, entry][:-keep]
         manifest = json.dumps({"version": 1, "checkpoints": kept}, indent=2) + "\n"
         try:
-            _write_atomic(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
+            atomic_write(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
         except Exception as e:
             path.unlink(missing_ok=True)
             raise _write_failed(path, e) from e
@@ -197,32 +197,6 @@ def _read_manifest(run_dir: Path) -> list[dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint manifest {path} is unreadable ({e})") from e
     return list(entries)
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write ``path`` through a temporary file in its directory: write, fsync, rename, fsync
-    the directory. On any failure the temporary file is removed and ``path`` is untouched."""
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_dead_temps(run_dir: Path) -> None:

@@ -165,8 +165,15 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _positive(
-            self, "tokens_per_batch", "grad_accum", "max_steps", "eval_every", "eval_subset",
-            "eval_max_new_tokens", "beam_size", "min_micro_batch_tokens",
+            self,
+            "tokens_per_batch",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "eval_subset",
+            "eval_max_new_tokens",
+            "beam_size",
+            "min_micro_batch_tokens",
         )
         if self.keep_checkpoints < 2:
             raise ConfigError(
@@ -349,6 +356,22 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
             the message names the file and the key path.
     """
     p = Path(path)
+    raw = read_yaml(p)
+    try:
+        raw = apply_overrides(raw, overrides or {})
+        return config_from_dict(raw)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file (an empty file is ``{}``).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or is not valid YAML (with the line
+            and column).
+    """
+    p = Path(path)
     try:
         text = p.read_text()
     except FileNotFoundError:
@@ -356,17 +379,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
-        raw = yaml.safe_load(text)
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}:{where}: {problem}") from None
-    try:
-        raw = apply_overrides(raw or {}, overrides or {})
-        return config_from_dict(raw)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

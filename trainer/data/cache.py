@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import IO, TypeVar
 
+from storage.files import atomic_write
 from trainer.config import DataConfig
 
 T = TypeVar("T")
@@ -36,22 +35,8 @@ def cache_root(cfg: DataConfig) -> Path:
     return root
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write`` on a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_or_build(
-    path: Path, load: Callable[[Path], T], build: Callable[[BinaryIO], object]
+    path: Path, load: Callable[[Path], T], build: Callable[[IO[bytes]], object]
 ) -> tuple[T, bool]:
     """Load ``path``, building it first (once per host) if it is missing or unreadable.
 

@@ -16,10 +16,10 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
+from storage.files import atomic_write
 from trainer.config import DataConfig
-from trainer.data.cache import atomic_write
 from trainer.errors import ConfigError
 
 Pair = tuple[str, str]
@@ -258,7 +258,7 @@ def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
         raise ConfigError(f"{key}: {path}: permission denied") from None
 
 
-def _write_tsv(f: BinaryIO, pairs: list[Pair]) -> None:
+def _write_tsv(f: IO[bytes], pairs: list[Pair]) -> None:
     f.writelines(f"{src}\t{tgt}\n".encode() for src, tgt in pairs)
 
 

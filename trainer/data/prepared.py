@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -183,7 +183,7 @@ def _source_stamps(cfg: DataConfig) -> list[tuple[str, int, int]]:
     return stamps
 
 
-def _encode_corpus(f: BinaryIO, tokenizer: Tokenizer, corpus: Corpus) -> None:
+def _encode_corpus(f: IO[bytes], tokenizer: Tokenizer, corpus: Corpus) -> None:
     arrays = {}
     for name in SPLITS:
         pairs = corpus.split(name)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import tokenizers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -46,7 +46,7 @@ def load_or_train(
     """
     key = tokenizer_key(texts, vocab_size)
 
-    def build(f: BinaryIO) -> None:
+    def build(f: IO[bytes]) -> None:
         f.write(train(texts, vocab_size).to_str().encode())
 
     tokenizer, trained = load_or_build(
