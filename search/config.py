@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from trainer.config import (
     TrainConfig,
-    _build,
-    _coerce,
     apply_overrides,
+    build_dataclass,
+    coerce_value,
     config_from_dict,
     read_yaml,
 )
@@ -328,7 +328,7 @@ def search_config_from_dict(raw: Any) -> SearchConfig:
             raise ConfigError(f"{key} is required")
     space_raw = raw.pop("space", None)
     enqueue_raw = raw.pop("enqueue", None)
-    sections = _build(SearchConfig, raw, "")  # space and enqueue are lists: parsed below
+    sections = build_dataclass(SearchConfig, raw, "")  # space and enqueue are lists: parsed below
     space = _parse_space(space_raw)
     enqueue = _parse_enqueue(enqueue_raw, space)
     cfg = dataclasses.replace(sections, space=space, enqueue=enqueue)
@@ -405,7 +405,7 @@ def _parse_param(name: str, raw: Any) -> ParamSpec:
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{path}.choices must be a non-empty list, got {choices!r}")
         coerced = tuple(
-            _coerce(c, field_type, f"{path}.choices[{i}]") for i, c in enumerate(choices)
+            coerce_value(c, field_type, f"{path}.choices[{i}]") for i, c in enumerate(choices)
         )
         if len(set(map(repr, coerced))) != len(coerced):
             raise ConfigError(f"{path}.choices has duplicates: {choices!r}")
@@ -423,10 +423,12 @@ def _parse_param(name: str, raw: Any) -> ParamSpec:
     for key in ("low", "high"):
         if key not in raw:
             raise ConfigError(f"{path}.{key} is required for a {kind} parameter")
-    low = _coerce(raw["low"], number, f"{path}.low")
-    high = _coerce(raw["high"], number, f"{path}.high")
-    step = _coerce(raw["step"], number, f"{path}.step") if raw.get("step") is not None else None
-    log = _coerce(raw.get("log", False), bool, f"{path}.log")
+    low = coerce_value(raw["low"], number, f"{path}.low")
+    high = coerce_value(raw["high"], number, f"{path}.high")
+    step = None
+    if raw.get("step") is not None:
+        step = coerce_value(raw["step"], number, f"{path}.step")
+    log = coerce_value(raw.get("log", False), bool, f"{path}.log")
     if low > high:
         raise ConfigError(f"{path}: low ({low}) > high ({high})")
     if log and low <= 0:
@@ -490,9 +492,9 @@ def _parse_enqueue(raw: Any, space: tuple[ParamSpec, ...]) -> tuple[dict[str, An
                 )
             spec = by_name[key]
             if spec.type == "categorical":
-                v = _coerce(value, _train_field_type(key, path), path)
+                v = coerce_value(value, _train_field_type(key, path), path)
             else:
-                v = _coerce(value, int if spec.type == "int" else float, path)
+                v = coerce_value(value, int if spec.type == "int" else float, path)
             if not spec.contains(v):
                 raise ConfigError(f"{path}={value!r} is outside space.{key} ({_describe(spec)})")
             params[key] = v

@@ -256,7 +256,7 @@ _SECTION = {
 }
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
+def coerce_value(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = get_origin(tp)
     if tp is Any:
@@ -270,7 +270,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, path)
+                return coerce_value(value, a, path)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
@@ -314,11 +314,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a string, got {value!r}")
         return value
     if isinstance(tp, type) and is_dataclass(tp):
-        return _build(tp, value, path)
+        return build_dataclass(tp, value, path)
     raise ConfigError(f"{path}: unsupported type {tp}")  # a bug, not a user error
 
 
-def _build(cls: type[T], raw: Any, path: str) -> T:
+def build_dataclass(cls: type[T], raw: Any, path: str) -> T:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -330,7 +330,7 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
         if key not in known:
             full = f"{path}.{key}" if path else str(key)
             raise ConfigError(f"unknown key '{full}' (known: {', '.join(sorted(known))})")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in raw.items()}
+    kwargs = {k: coerce_value(v, hints[k], f"{path}.{k}" if path else k) for k, v in raw.items()}
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -341,7 +341,7 @@ def _build(cls: type[T], raw: Any, path: str) -> T:
 
 def config_from_dict(raw: Any) -> TrainConfig:
     """Build a validated :class:`TrainConfig` from a plain mapping (e.g. parsed YAML)."""
-    return _build(TrainConfig, raw, "")
+    return build_dataclass(TrainConfig, raw, "")
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
