@@ -1,0 +1,141 @@
+"""Faults inside training: a non-finite loss, CUDA out-of-memory (injected on CPU through the
+trainer's ``AMT_INJECT_OOM`` hook) and a disk that fills up while a checkpoint is written."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+import trainer
+from search.config import load_search_config, trial_train_config
+from storage.checkpoints import latest_checkpoint, load_checkpoint, verify
+from storage.errors import CheckpointError
+from tests.reliability.conftest import ForkServer, make_study
+from trainer.config import config_from_dict
+
+
+def test_nan_and_oom_fail_or_recover_and_the_worker_goes_on(
+    forkserver: ForkServer, corpus_dir: Path, new_database: Callable[[], str], tmp_path: Path,
+    record: Callable[..., None], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One worker, every trial's step 3 runs out of memory twice (512 -> 256 -> 128-token
+    micro-batches): trial 0 diverges (LR 1e30), trial 1 may not go below 256 tokens, trial 2
+    may go down to 128 and completes with 4 micro-batches per batch."""
+    started = time.monotonic()
+    lr, floor = "optim.lr", "train.min_micro_batch_tokens"
+    study = make_study(
+        tmp_path, corpus_dir, new_database(), "faults", n_trials=3,
+        truncation={"max_steps": 16, "eval_every": 4, "eval_subset": 8, "warmup": 0.1},
+        space={lr: {"type": "float", "low": 1e-3, "high": 1e30, "log": True},
+               floor: {"type": "categorical", "choices": [128, 256]}},
+        enqueue=[{lr: 1e30, floor: 128}, {lr: 3e-3, floor: 256}, {lr: 3e-3, floor: 128}],
+    )
+    worker = study.spawn(forkserver, 0, AMT_INJECT_OOM="3:2")
+    rc = worker.wait(120)
+    trials = study.study().get_trials(deepcopy=False)
+    nan, oom, recovered = trials[:3]
+    result = json.loads((study.run_dir(2) / "result.json").read_text())
+    monkeypatch.delenv("AMT_INJECT_OOM", raising=False)
+    cfg = load_search_config(study.config)
+    reference = trainer.fit(trial_train_config(cfg, recovered.params, out_dir=tmp_path / "ref"))
+    seconds = time.monotonic() - started
+
+    no_retry = len(trials) == 3 and not any("failed_trial" in t.system_attrs for t in trials)
+    nan_ok = (nan.state == TrialState.FAIL and nan.user_attrs.get("fail_reason") == "nan_loss"
+              and "non-finite" in nan.user_attrs.get("fail_message", "") and no_retry)
+    oom_ok = (oom.state == TrialState.FAIL and oom.user_attrs.get("fail_reason") == "oom"
+              and "256 tokens" in oom.user_attrs.get("fail_message", "") and no_retry)
+    recovered_ok = (
+        recovered.state == TrialState.COMPLETE and result["micro_batch_tokens"] == 128
+        and recovered.user_attrs["tokens"] == reference.tokens  # same tokens per step
+        and abs(recovered.user_attrs["val_loss"] - reference.val_loss) < 1e-3
+    )
+    goes_on = rc == 0  # one worker process ran all three
+    print(f"NaN: {nan.user_attrs.get('fail_message')}; OOM: {oom.user_attrs.get('fail_message')}"
+          f"; recovered: {recovered.user_attrs['tokens']} tokens, val loss "
+          f"{recovered.user_attrs['val_loss']:.5f} (without OOM {reference.val_loss:.5f})")
+    record("NaN / inf loss", 1, int(nan_ok and goes_on), seconds,
+           "trial FAIL with fail_reason nan_loss and the message, not retried; the same worker "
+           "runs the next trials")
+    record("CUDA OOM at the smallest micro-batch", 1, int(oom_ok and goes_on), seconds,
+           "trial FAIL with fail_reason oom, not retried; the same worker goes on")
+    record("CUDA OOM, recoverable", 1, int(recovered_ok and goes_on), seconds,
+           "micro-batch halved twice (512 -> 128 tokens, 4x accumulation), same tokens per step "
+           "and val loss as without OOM; trial completes")
+    assert goes_on, worker.tail()
+    assert nan_ok, nan.user_attrs
+    assert oom_ok, oom.user_attrs
+    assert recovered_ok, (result, recovered.user_attrs, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+class _FillDisk:
+    """``fit`` callback: after the first evaluation (and its checkpoint), fill the disk."""
+
+    def __init__(self, filler: Path) -> None:
+        self.filler = filler
+
+    def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.filler.exists():
+            return
+        with open(self.filler, "wb", buffering=0) as f:
+            for size in (1 << 16, 1 << 12, 1 << 8, 1):
+                try:
+                    while True:
+                        f.write(b"\0" * size)
+                except OSError as e:
+                    assert e.errno == errno.ENOSPC
+
+
+def test_disk_full_while_checkpointing_through_fit(
+    small_disk: Path, corpus_dir: Path, record: Callable[..., None]
+) -> None:
+    started = time.monotonic()
+    raw = yaml.safe_load((corpus_dir / "train.yaml").read_text())
+    raw["train"].update({"max_steps": 12, "eval_every": 4, "out_dir": str(small_disk / "run")})
+    cfg = config_from_dict(raw)
+    filler = small_disk / "filler"
+    with pytest.raises(CheckpointError, match="No space left on device") as failed:
+        trainer.fit(cfg, [_FillDisk(filler)])
+    run = small_disk / "run"
+    left = sorted(p.name for p in run.iterdir())
+    checks = verify(run)
+    first = latest_checkpoint(run)
+    intact = (
+        [c.step for c in checks] == [4] and all(c.ok for c in checks) and first is not None
+        and load_checkpoint(first)["progress"]["step"] == 4
+        and not [n for n in left if n.endswith(".tmp")]
+    )
+    filler.unlink()  # space again: the run resumes from the intact checkpoint
+    resumed = trainer.fit(cfg, resume=True)
+    record("disk full while checkpointing", 1, int(intact and resumed.steps == 12),
+           time.monotonic() - started,
+           "through trainer.fit on a full tmpfs: one-line CheckpointError, no temp file left, "
+           "the previous checkpoint verifies and loads; the run resumes from it once space is "
+           "back")
+    assert "\n" not in str(failed.value)
+    assert intact, (left, checks)
+    assert resumed.steps == 12 and os.path.exists(resumed.checkpoint or "")
