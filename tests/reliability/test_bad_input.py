@@ -40,7 +40,7 @@ from search.study import create_study
 from storage.checkpoints import MANIFEST, save_checkpoint
 from tests.reliability.conftest import REPO, EmbeddedPG
 from tests.search.conftest import tiny_search, tiny_train
-from tests.storage.conftest import ADMIN_URL
+from tests.storage.conftest import ADMIN_URL, _admin
 
 PROGRAMS = {"amt-search": "search.cli", "amt-train": "trainer.cli", "amt-data": "trainer.data"}
 WRONG_PASSWORD = "wrong-Pw-456"
@@ -319,16 +319,6 @@ def password_url(embedded_pg: EmbeddedPG) -> str:
             cur.execute("SELECT pg_reload_conf()")
     admin.close()
     return embedded_pg.url.replace("postgres@", f"amt_pw:{WRONG_PASSWORD}@")
-
-
-def _admin(sql: str) -> None:
-    conn = psycopg2.connect(ADMIN_URL, connect_timeout=5)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql)
-    finally:
-        conn.close()
 
 
 def _row_counts(url: str) -> dict[str, int]:
