@@ -28,6 +28,8 @@ from typing import Any
 
 import yaml
 
+from tests.trainer.synthetic import write_task  # the same small task the trainer tests learn
+
 REPO = Path(__file__).resolve().parents[1]
 H100_H200_BF16_DENSE_FLOPS = 989e12  # NVIDIA datasheet, SXM, dense bf16 (no sparsity)
 PACKAGES = ("torch", "transformers", "optuna", "sqlalchemy", "psycopg2-binary", "sacrebleu")
@@ -200,24 +202,6 @@ TINY_OVERRIDES: dict[str, Any] = {
     "data.max_tgt_tokens": 24, "train.tokens_per_batch": 512, "train.grad_accum": 2,
     "train.eval_subset": 16, "train.eval_max_new_tokens": 16,
 }
-SRC_WORDS = ["ka", "lo", "mi", "ne", "pu", "ri", "sa", "tu", "vo", "we", "xi", "yo"]
-TGT_WORDS = ["apple", "bird", "cloud", "door", "egg", "fish", "gate", "hill", "ink", "jar",
-             "kite", "lamp"]
-
-
-def write_synthetic_task(path: Path, n: int = 800, seed: int = 0) -> Path:
-    """A word-by-word translation of 12 made-up words (as tests/trainer/synthetic.py)."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        idx = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(3, 7))]
-        src = " ".join(SRC_WORDS[i] for i in idx)
-        lines.append(f"{src}\t{' '.join(TGT_WORDS[i] for i in idx)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def data_overrides(args: argparse.Namespace, work_dir: Path) -> tuple[dict[str, Any], str]:
     """TrainConfig overrides naming the corpus, and a word for the JSON: ``tsv:DIR``,
     ``bible`` or ``synthetic``."""
@@ -231,7 +215,7 @@ def data_overrides(args: argparse.Namespace, work_dir: Path) -> tuple[dict[str, 
                 "data.val_path": str(d / "val.tsv"), "data.test_path": str(d / "test.tsv"),
                 "data.path": None}, f"tsv:{d.name}"
     if args.tiny:
-        task = write_synthetic_task(work_dir / "synthetic.tsv")
+        task = write_task(work_dir / "synthetic.tsv")
         return {"data.source": "tsv", "data.path": str(task), "data.val_fraction": 0.1,
                 "data.test_fraction": 0.05, "data.cache_dir": str(work_dir / "cache")}, "synthetic"
     import importlib.util
@@ -318,7 +302,7 @@ def small_task_search(wd: Path, name: str, *, pruner: str, n_trials: int, seed: 
 
     task = wd / "synthetic.tsv"
     if not task.exists():
-        write_synthetic_task(task, n=1500)
+        write_task(task, n=1500)
     data = {"data.source": "tsv", "data.path": str(task), "data.val_fraction": 0.1,
             "data.test_fraction": 0.05, "data.cache_dir": str(wd / "cache")}
     base = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())

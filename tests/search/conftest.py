@@ -5,7 +5,6 @@ and a tiny search over a synthetic corpus that a 2-layer, d=32..64 model learns 
 from __future__ import annotations
 
 import os
-import random
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,24 +13,14 @@ import pytest
 import yaml
 
 from tests.storage.conftest import new_database  # noqa: F401  (fixture)
+from tests.trainer.synthetic import write_task
 
 REPO = Path(__file__).resolve().parents[2]
 
-SRC_WORDS = ["ka", "lo", "mi", "ne", "pu", "ri"]
-TGT_WORDS = ["apple", "bird", "cloud", "door", "egg", "fish"]
-
-
 def write_corpus(path: Path, n: int = 600, seed: int = 0) -> Path:
-    """Word-for-word translation of 2-4 made-up words, the target prefixed with "the":
+    """Word-for-word translation of 2-4 of 6 made-up words, the target prefixed with "the":
     BLEU-4 rises within a few dozen steps, and differently for different settings."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        idx = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(2, 4))]
-        src = " ".join(SRC_WORDS[i] for i in idx)
-        lines.append(f"{src}\tthe {' '.join(TGT_WORDS[i] for i in idx)}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_task(path, n, seed, n_words=6, lengths=(2, 4), target_prefix="the ")
 
 
 def tiny_train(tmp: Path) -> dict[str, object]:

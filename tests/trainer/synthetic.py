@@ -19,13 +19,24 @@ TGT_WORDS = ["apple", "bird", "cloud", "door", "egg", "fish", "gate", "hill", "i
              "kite", "lamp"]
 
 
-def write_task(path: Path, n: int = 800, seed: int = 0) -> Path:
+def write_task(
+    path: Path,
+    n: int = 800,
+    seed: int = 0,
+    *,
+    n_words: int = len(SRC_WORDS),
+    lengths: tuple[int, int] = (3, 7),
+    target_prefix: str = "",
+) -> Path:
+    """Write ``n`` TSV pairs: the first ``n_words`` made-up words, ``lengths`` words per
+    sentence, each translated word by word (the target optionally led by ``target_prefix``)."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
-        idx = [rng.randrange(len(SRC_WORDS)) for _ in range(rng.randint(3, 7))]
+        idx = [rng.randrange(n_words) for _ in range(rng.randint(*lengths))]
         src = " ".join(SRC_WORDS[i] for i in idx)
-        lines.append(f"{src}\t{' '.join(TGT_WORDS[i] for i in idx)}")
+        lines.append(f"{src}\t{target_prefix}{' '.join(TGT_WORDS[i] for i in idx)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
 
