@@ -154,6 +154,9 @@ class TrainingConfig:
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)
     eval_max_new_tokens: int = 200
+    # a translation also stops after ratio * source tokens + 10 (0: only eval_max_new_tokens)
+    eval_max_new_ratio: float = 2.0
+    eval_decode_rows: int = 256  # sentences decoded together (KV cache: rows x max_len)
     beam_size: int = 1
     early_stopping_patience: int = 5  # evals without val-loss improvement; 0 disables
     checkpoint_every: int = 0  # optimiser steps; 0: at every eval
@@ -174,7 +177,11 @@ class TrainingConfig:
             "eval_max_new_tokens",
             "beam_size",
             "min_micro_batch_tokens",
+            "eval_decode_rows",
         )
+        if self.eval_max_new_ratio < 0:
+            raise ConfigError(
+                f"train.eval_max_new_ratio must be >= 0, got {self.eval_max_new_ratio}")
         if self.keep_checkpoints < 2:
             raise ConfigError(
                 "train.keep_checkpoints must be >= 2 "

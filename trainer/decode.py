@@ -26,11 +26,15 @@ def generate(
     max_new_tokens: int,
     beam_size: int = 1,
     use_cache: bool = True,
+    max_new_ratio: float = 0.0,
 ) -> list[list[int]]:
     """Translate each source; returns the target ids of each row without <eos>.
 
     Generation stops at <eos>, after ``max_new_tokens``, or when the sequence reaches
-    ``model.cfg.max_len``. Beam search ranks finished hypotheses by mean log-probability.
+    ``model.cfg.max_len``; with ``max_new_ratio`` > 0 a row also stops after
+    ``ratio * len(source) + 10`` tokens (fairseq's ``max_len_a``/``max_len_b``), so an untrained
+    model does not decode every row to the limit. Beam search ranks finished hypotheses by
+    mean log-probability.
     """
     if not src_ids:
         return []
@@ -44,10 +48,14 @@ def generate(
     if beam_size > 1:
         tokens, start, prefix_end = (t.repeat_interleave(beam_size, 0)
                                      for t in (tokens, start, prefix_end))
+    limits = [max_new if max_new_ratio <= 0 else min(max_new, int(max_new_ratio * len(s)) + 10)
+              for s in src_ids]
+    max_new = max(limits)
+    limit = torch.tensor(limits, device=device)  # (B,) tokens each row may generate
     step = _Stepper(model, tokens, start, prefix_end, P + max_new, use_cache)
     if beam_size == 1:
-        return _greedy(step, len(prompts), eos_id, max_new)
-    return _beam(step, len(prompts), beam_size, eos_id, max_new)
+        return _greedy(step, limit, eos_id, max_new)
+    return _beam(step, limit, beam_size, eos_id, max_new)
 
 
 class _Stepper:
@@ -67,7 +75,9 @@ class _Stepper:
         positions = (torch.arange(T - new.size(1), T, device=new.device)[None]
                      - self.start[:, None]).clamp(min=0)  # (rows, Tq) 0 at the first real token
         mask = attention_mask(self.start, self.prefix_end, new.size(1), T)
-        logits = self.model.run(new, positions, mask, self.cache)[:, -1]  # (rows, V)
+        rows, Tq = new.shape
+        last = torch.arange(rows, device=new.device) * Tq + Tq - 1  # the LM head only there
+        logits = self.model.run(new, positions, mask, self.cache, select=last)  # (rows, V)
         if self.cache is not None:
             self.fed = T
         return torch.log_softmax(logits.float(), dim=-1)
@@ -81,13 +91,15 @@ class _Stepper:
         self.seq = torch.cat([self.seq, next_tokens[:, None]], dim=1)
 
 
-def _greedy(step: _Stepper, batch: int, eos_id: int, max_new: int) -> list[list[int]]:
+def _greedy(step: _Stepper, limit: torch.Tensor, eos_id: int, max_new: int
+            ) -> list[list[int]]:
+    batch = limit.size(0)
     device = step.seq.device
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new):
+    for t in range(max_new):
         next_tokens = step().argmax(-1)  # (B,)
-        next_tokens = torch.where(done, eos_id, next_tokens)
+        next_tokens = torch.where(done | (t >= limit), eos_id, next_tokens)
         out.append(next_tokens)
         done |= next_tokens == eos_id
         if bool(done.all()):  # sync: one per generated token, to stop early
@@ -97,18 +109,22 @@ def _greedy(step: _Stepper, batch: int, eos_id: int, max_new: int) -> list[list[
     return [_until_eos(r, eos_id) for r in rows]
 
 
-def _beam(step: _Stepper, batch: int, k: int, eos_id: int, max_new: int) -> list[list[int]]:
+def _beam(step: _Stepper, limit: torch.Tensor, k: int, eos_id: int, max_new: int
+          ) -> list[list[int]]:
+    batch = limit.size(0)
     device = step.seq.device
     scores = torch.zeros(batch, k, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one
     lengths = torch.zeros(batch, k, device=device)
     done = torch.zeros(batch, k, dtype=torch.bool, device=device)
     history = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
-    for _ in range(max_new):
+    for t in range(max_new):
         logp = step().view(batch, k, -1)  # (B, k, V)
-        # a finished beam only extends with <eos> at no cost, so it keeps its score
+        # a finished beam only extends with <eos> at no cost, so it keeps its score; at its
+        # row's limit every beam must end
         finished = torch.full_like(logp[0, 0], float("-inf"))
         finished[eos_id] = 0.0
+        done = done | (t >= limit)[:, None]
         logp = torch.where(done[..., None], finished, logp)
         V = logp.size(-1)
         scores, flat = (scores[..., None] + logp).view(batch, -1).topk(k, dim=-1)  # (B, k)

@@ -289,7 +289,11 @@ class _Run:
             torch.manual_seed(cfg.train.seed + self.rank)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else None
         wrapped: torch.nn.Module = self.ddp or self.model
-        self.train_model = torch.compile(wrapped) if cfg.train.compile else wrapped
+        # compiled with dynamic shapes from the start: length-bucketed batches change (B, T)
+        # every step, and the default (static, then recompile) spends two more compilations
+        self.train_model = torch.compile(wrapped, dynamic=True) if cfg.train.compile else wrapped
+        self.losses = (torch.compile(token_losses, dynamic=True) if cfg.train.compile
+                       else token_losses)
 
     # -- orchestration ------------------------------------------------------------------------
 
@@ -513,7 +517,7 @@ class _Run:
             with no_sync:
                 with self._autocast():
                     logits = self.train_model(tokens, prefix_lens, select)  # (N, V)
-                loss, nll = token_losses(logits, targets, cfg.optim.label_smoothing)
+                loss, nll = self.losses(logits, targets, cfg.optim.label_smoothing)
                 self.scaler.scale(loss / n_target).backward()
             nll_sum += nll.detach()
         self.scaler.unscale_(self.optimizer)
@@ -587,14 +591,14 @@ class _Run:
     def translate(self, model: DecoderLM, sources: list[list[int]]) -> list[str]:
         """Detokenised translations, decoded in batches of similar source length."""
         cfg = self.cfg.train
-        rows = max(1, cfg.tokens_per_batch // self.cfg.model.max_len)
+        rows = cfg.eval_decode_rows
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         out: list[str] = [""] * len(sources)
         for start in range(0, len(order), rows):
             chunk = order[start : start + rows]
             ids = generate(model, [sources[i] for i in chunk], self.data.sep_id,
                            self.data.eos_id, self.data.pad_id, cfg.eval_max_new_tokens,
-                           beam_size=cfg.beam_size)
+                           beam_size=cfg.beam_size, max_new_ratio=cfg.eval_max_new_ratio)
             for i, hyp in zip(chunk, ids, strict=True):
                 out[i] = self.data.decode(hyp)
         return out

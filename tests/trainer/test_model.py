@@ -110,6 +110,23 @@ def test_generation_stops_at_max_len() -> None:
     assert len(out[0]) <= 12 - 6
 
 
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_length_ratio_stops_each_row_at_its_own_limit(beam_size: int) -> None:
+    """An untrained model never emits <eos>: each row stops at ratio * len(source) + 10 and
+    the rows that fit keep the hypothesis they have without the limit."""
+    model = small(max_len=64, tie_embeddings=False)
+    with torch.no_grad():  # <eos> (id 2) can never win: every row runs to its limit
+        model.lm_head.weight[2] = -100 * model.lm_head.weight[3:].abs().max()  # type: ignore
+    sources = [[5, 6], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+    args = dict(sep_id=1, eos_id=2, pad_id=0, max_new_tokens=30, beam_size=beam_size)
+    free = generate(model, sources, **args)  # type: ignore[arg-type]
+    limited = generate(model, sources, max_new_ratio=1.0, **args)  # type: ignore[arg-type]
+    assert [len(r) for r in free] == [30, 30]
+    assert [len(r) for r in limited] == [2 + 10, 14 + 10]
+    if beam_size == 1:
+        assert [r[: len(x)] for r, x in zip(free, limited, strict=True)] == limited
+
+
 def test_select_gives_the_logits_of_those_positions() -> None:
     model = small()
     tokens, lens = torch.randint(3, 50, (2, 9)), torch.tensor([3, 5])
