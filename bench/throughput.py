@@ -13,7 +13,9 @@ Batches are real token-budget batches of the corpus (``--data-dir``: the exporte
 ``--tiny``: the synthetic task), the same ones for every variant. Every optimiser step sees
 ``--step-tokens`` tokens (131072 = 16k x 8, the report's step), so a 64k micro-batch
 accumulates 2. Timing: warm-up steps (compilation included) are timed separately and
-excluded; then each timed step is bracketed by ``torch.cuda.synchronize()``.
+excluded; one step is timed alone between two ``torch.cuda.synchronize()`` (``step_s_synchronized``,
+it sizes the rest to the budget), then the timed steps run back to back as ``fit`` runs them
+(ours: the host waits for each step's loss one step late) between two synchronisations.
 
 Model FLOPs per micro-batch of shape (B, T) holding ``n`` real (non-padding) tokens::
 
@@ -121,26 +123,38 @@ def model_flops(batch: Any, shape: dict[str, int], with_head: bool = True) -> fl
 
 
 def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: list[list[Any]],
-            shape: dict[str, int], deadline: common.Deadline) -> dict[str, Any]:
-    """Run the warm-up steps, then time each timed step between two synchronisations."""
+            shape: dict[str, int], deadline: common.Deadline,
+            flush: Callable[[], None] = lambda: None) -> dict[str, Any]:
+    """Run the warm-up steps, time one step alone (between two synchronisations), then as many
+    of the rest as the deadline allows back to back, as a training loop runs them: one
+    synchronisation before and one after, ``flush`` (the host's wait for a lagging step)
+    inside the timed span."""
     graphs0 = _graphs()
     common.synchronize()
     t0 = time.perf_counter()
     for batches in warmup:
         step(batches)
+    flush()
     common.synchronize()
     warmup_s = time.perf_counter() - t0
     graphs1 = _graphs()
-    times: list[float] = []
+    t0 = time.perf_counter()
+    step(timed[0])
+    flush()
+    common.synchronize()
+    single_s = time.perf_counter() - t0
+    fits = int(max(0.0, deadline.left() - 5.0) / max(single_s, 1e-9) / 1.5)
+    run = timed[1:1 + max(1, fits)]
+    t0 = time.perf_counter()
+    for batches in run:
+        step(batches)
+    flush()
+    common.synchronize()
+    total = time.perf_counter() - t0
+    times = [total / len(run)] * len(run)
     tokens = padded = 0
     flops = flops_nonembed = 0.0
-    for batches in timed:
-        if times and deadline.left() < 2 * max(times):
-            break  # keep the measured steps rather than be killed mid-step
-        t0 = time.perf_counter()
-        step(batches)
-        common.synchronize()
-        times.append(time.perf_counter() - t0)
+    for batches in run:
         tokens += sum(real_tokens(b) for b in batches)
         padded += sum(int(b.n_tokens) for b in batches)
         flops += sum(model_flops(b, shape) for b in batches)
@@ -153,9 +167,8 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
         "graphs_compiled_in_timed_steps": _graphs() - graphs1,  # > 0: a recompile was timed
         "graph_breaks": sum(counters["graph_break"].values()),
         "timed_steps": len(times),
-        "step_s_median": round(common.median(times), 5),
-        "step_s_min": round(min(times), 5),
-        "step_s_max": round(max(times), 5),
+        "step_s_mean": round(total / len(times), 5),
+        "step_s_synchronized": round(single_s, 5),  # one step alone, host waiting for it
         "tokens": tokens,
         "padding_fraction": round(1 - tokens / padded, 4) if padded else None,
         "tokens_per_s": round(tokens / total, 1),
@@ -178,13 +191,21 @@ def run_ours(cfg: Any, variant: Variant, warmup: list[list[Any]], timed: list[li
     """The trainer's step, exactly as ``fit`` calls it (the step counter advances as in fit)."""
     run = common.trainer_run(cfg)
 
-    def step(batches: list[Any]) -> None:
-        nll, _, _, _ = run.train_step(batches)
-        if not math.isfinite(nll):
-            raise RuntimeError("non-finite loss")
-        run.progress.step += 1
+    pending: list[Any] = []
 
-    result = measure(step, warmup, timed, shape, deadline)
+    def flush() -> None:  # what fit does one step late: wait for the step, check its loss
+        while pending:
+            nll, _, _, _ = run.resolve(pending.pop())
+            if not math.isfinite(nll):
+                raise RuntimeError("non-finite loss")
+
+    def step(batches: list[Any]) -> None:
+        launched = run.launch_step(batches)
+        run.progress.step += 1
+        flush()
+        pending.append(launched)
+
+    result = measure(step, warmup, timed, shape, deadline, flush)
     result["micro_split"] = run.progress.micro_split  # > 1: the trainer hit OOM and split
     return result
 
@@ -303,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sizes that also run compiled (default: all on GPU, none with --tiny)")
     p.add_argument("--step-tokens", type=int, default=None,
                    help="tokens per optimiser step (default 131072; --tiny 1024)")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default 6; --tiny 2)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --tiny 3)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     p.add_argument("--no-causal", action="store_true", help="skip the causal-mask diagnostic")
     p.add_argument("--budget-s", type=float, default=240.0,
@@ -317,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     compile_sizes = (_ints(args.compile_sizes) if args.compile_sizes is not None
                      else default_compile)
     step_tokens = args.step_tokens or (1024 if args.tiny else 131072)
-    n_timed = args.steps or (2 if args.tiny else 6)
+    n_timed = args.steps or (3 if args.tiny else 10)
     warm_eager, warm_compiled = (1, 2) if args.tiny else (2, 3)
 
     with_hf, hf_missing = not args.no_hf, None
@@ -335,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         "ema_decay": base_cfg.train.ema_decay, "step_tokens": step_tokens,
         "micro_batch_tokens": sizes, "compiled_sizes": compile_sizes,
         "timed_steps": n_timed, "warmup_steps": {"eager": warm_eager, "compiled": warm_compiled},
-        "timing": "torch.cuda.synchronize() around each timed step; warm-up excluded",
+        "timing": "timed steps back to back between two torch.cuda.synchronize(); "
+                  "warm-up excluded",
         "flops_formula": "n_real*(6*(N_nonembed+V*d) + 12*L*T*d); MFU against 989e12",
         "dynamo": "assume_static_by_default=False (dynamic shapes from the first compile)",
         "reference": "HF GPTNeoXForCausalLM, same shape, sdpa, causal, plain step",

@@ -112,6 +112,16 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """An optimiser step queued on the device: its stats (summed NLL, grad norm, target
+    tokens, tokens) still on the device, the LR it used and its 1-based number."""
+
+    stats: torch.Tensor
+    lr: float
+    step: int
+
+
 def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False) -> FitResult:
     """Train, evaluating every ``train.eval_every`` optimiser steps and at the end.
 
@@ -241,6 +251,10 @@ def _real_tokens(batch: Batch) -> int:
     return int(batch.prefix_lens.sum()) + batch.n_target_tokens  # CPU tensor: no device sync
 
 
+def _first(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 def _oom_injection() -> tuple[int, int]:
     spec = os.environ.get("AMT_INJECT_OOM", "")
     if not spec:
@@ -284,6 +298,7 @@ class _Run:
         self.progress = Progress()
         self.saved_step = -1
         self.saved_path: Path | None = None
+        self.pending: _Pending | None = None  # the launched step not yet waited for
         self.bleu_signature = ""
         if self.world > 1:  # same initial weights everywhere (DDP checks), own dropout masks
             torch.manual_seed(cfg.train.seed + self.rank)
@@ -307,22 +322,27 @@ class _Run:
                    disable=self.rank != 0 or not sys.stderr.isatty()
                    or os.environ.get("AMT_PROGRESS", "1") == "0")
         stopped_by = self._stop_reason()
+        lr = 0.0
         while stopped_by is None:
             t0 = time.perf_counter()
             step_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
-            loss_sum, loss_tokens, tokens, lr = self.train_step(step_batches)
-            dt = time.perf_counter() - t0
+            launched = self.launch_step(step_batches)
             p.step += 1
-            p.tokens += tokens
-            p.loss_sum += loss_sum
-            p.loss_tokens += loss_tokens
-            p.window_tokens += tokens
+            lr = _first(self._account(bar), lr)  # the previous step, while the GPU runs this
+            self.pending = launched
+            if cfg.train.max_tokens:  # a token budget needs this step's count now
+                lr = _first(self._account(bar), lr)
+            p.elapsed_s = time.perf_counter() - started
+            stopped_by = self._stop_reason()
+            checkpoint_due = (cfg.train.checkpoint_every
+                              and p.step % cfg.train.checkpoint_every == 0)
+            if stopped_by or checkpoint_due or p.step % cfg.train.eval_every == 0:
+                lr = _first(self._account(bar), lr)  # evaluations and checkpoints see it all
+            dt = time.perf_counter() - t0
             p.window_s += dt
             p.train_s += dt
             p.elapsed_s = time.perf_counter() - started
             bar.update()
-            bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", lr=f"{lr:.2e}")
-            stopped_by = self._stop_reason()
             if p.step % cfg.train.eval_every == 0 or stopped_by:
                 if self._evaluate_and_report(lr, started):  # checkpoints if checkpoint_every=0
                     stopped_by = "early_stopping"
@@ -333,6 +353,21 @@ class _Run:
         if not p.history or p.history[-1]["step"] != p.step:  # a resumed, finished run
             self._evaluate_and_report(0.0, started)
         return self._finish(stopped_by or "budget")
+
+    def _account(self, bar: Any = None) -> float | None:
+        """Wait for the pending step (if any) and add it to the progress; its LR."""
+        if self.pending is None:
+            return None
+        step, self.pending = self.pending, None
+        loss_sum, loss_tokens, tokens, lr = self.resolve(step)
+        p = self.progress
+        p.tokens += tokens
+        p.loss_sum += loss_sum
+        p.loss_tokens += loss_tokens
+        p.window_tokens += tokens
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", lr=f"{lr:.2e}")
+        return lr
 
     def _start(self, resume: bool) -> None:
         ckpt = _checkpoint_to_resume(self.out_dir, resume)
@@ -356,6 +391,8 @@ class _Run:
             return "budget"
         over_time = cfg.max_time_s is not None and p.elapsed_s >= cfg.max_time_s
         if self.world > 1 and cfg.max_time_s is not None:  # sync: ranks must agree to stop
+            if p.step % 10:  # every 10th step: the agreement costs a host sync
+                return None
             flag = torch.tensor(float(over_time), device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             over_time = bool(flag.item())
@@ -390,13 +427,15 @@ class _Run:
         m: dict[str, Any] | None = None
         if self.rank == 0:
             t0 = time.perf_counter()
+            scores = self.evaluate()
             m = {"step": p.step, "epoch": p.epoch, "tokens": p.tokens,
-                 "train_loss": p.loss_sum / max(p.loss_tokens, 1), **self.evaluate(), "lr": lr,
+                 "train_loss": p.loss_sum / max(p.loss_tokens, 1), **scores, "lr": lr,
                  "tokens_per_s": p.window_tokens / max(p.window_s, 1e-9),
+                 "eval_s": round(time.perf_counter() - t0, 3),
                  "elapsed_s": time.perf_counter() - started}
             log.info("step %d: train loss %.4f, val loss %.4f, BLEU %.2f, %.0f tok/s (eval %.1fs)",
                      p.step, m["train_loss"], m["val_loss"], m["bleu"], m["tokens_per_s"],
-                     time.perf_counter() - t0)
+                     m["eval_s"])
             with open(self.out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
         if self.world > 1:  # sync: every rank keeps the same bookkeeping
@@ -474,11 +513,16 @@ class _Run:
     # -- the math -----------------------------------------------------------------------------
 
     def train_step(self, batches: list[Batch]) -> tuple[float, int, int, float]:
-        """One optimiser step over ``batches`` (the gradient-accumulation micro-batches).
+        """One optimiser step over ``batches`` (the gradient-accumulation micro-batches),
+        waited for: ``resolve(launch_step(batches))``."""
+        return self.resolve(self.launch_step(batches))
 
-        Returns (summed train NLL, target tokens, tokens, LR) over all ranks. On CUDA OOM the
-        step is redone with every batch cut into twice as many row chunks (same tokens per
-        step); below ``train.min_micro_batch_tokens`` it raises ``TrainingFailed("oom")``.
+    def launch_step(self, batches: list[Batch]) -> _Pending:
+        """Queue one optimiser step over ``batches`` on the device without waiting for it.
+
+        On CUDA OOM the step is redone with every batch cut into twice as many row chunks
+        (same tokens per step); below ``train.min_micro_batch_tokens`` it raises
+        ``TrainingFailed("oom")``.
         """
         oom_step, oom_times = _oom_injection()
         attempts = 0
@@ -504,7 +548,7 @@ class _Run:
                             micro_tokens)
                 self.progress.micro_split = split
 
-    def _step(self, batches: list[Batch]) -> tuple[float, int, int, float]:
+    def _step(self, batches: list[Batch]) -> _Pending:
         cfg, p = self.cfg, self.progress
         n_target = sum(b.n_target_tokens for b in batches)
         micro = [c for b in batches for c in _split_rows(b, p.micro_split)]
@@ -530,19 +574,25 @@ class _Run:
         if self.world > 1:  # the grad norm is already the same everywhere; sum the rest
             stats *= torch.tensor([1.0, 1.0 / self.world, 1.0, 1.0], device=self.device)
             dist.all_reduce(stats)
-        # sync: the one host sync of the step, for the finite check and logging
-        nll_total, norm, n_target_all, tokens_all = stats.tolist()
-        if not math.isfinite(nll_total) or (not self.scaler.is_enabled()
-                                            and not math.isfinite(norm)):
-            raise TrainingFailed(f"non-finite loss or gradient at step {p.step + 1} "
-                                 f"(loss {nll_total}, grad norm {norm}); lower optim.lr",
-                                 reason="nan_loss")
         lr = set_lr(self.optimizer, p.step, cfg.optim, cfg.train.max_steps)
         self.scaler.step(self.optimizer)  # fp16 with a non-fused optimiser syncs here
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._update_ema()
-        return nll_total, int(n_target_all), int(tokens_all), lr
+        return _Pending(stats, lr, p.step + 1)
+
+    def resolve(self, pending: _Pending) -> tuple[float, int, int, float]:
+        """Wait for a launched step and check it: (summed train NLL, target tokens, tokens,
+        LR) over all ranks; a non-finite loss (or gradient, without fp16 loss scaling) raises
+        ``TrainingFailed("nan_loss")``. ``fit`` calls it one step late, while the GPU runs
+        the next step, so the step itself never waits for the host."""
+        nll_total, norm, n_target_all, tokens_all = pending.stats.tolist()  # sync
+        if not math.isfinite(nll_total) or (not self.scaler.is_enabled()
+                                            and not math.isfinite(norm)):
+            raise TrainingFailed(f"non-finite loss or gradient at step {pending.step} "
+                                 f"(loss {nll_total}, grad norm {norm}); lower optim.lr",
+                                 reason="nan_loss")
+        return nll_total, int(n_target_all), int(tokens_all), pending.lr
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -607,6 +657,7 @@ class _Run:
 
     def _save(self) -> Path | None:
         """Checkpoint the current step on rank 0 (once per step); returns its path."""
+        self._account()  # a checkpoint holds the progress of every step it has
         if self.rank != 0:
             return None
         if self.saved_step == self.progress.step:
