@@ -25,6 +25,7 @@ NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120"],
     "real_run": [],
+    "ablation": [],
     "real_run_describe": ["--describe"],
     "decode": ["--repeats", "1"],
     "storage_overhead": ["--storage", ADMIN_URL],
@@ -120,6 +121,16 @@ def test_real_run(runs: dict[str, Any]) -> None:
     assert {"val_loss", "bleu", "bleu_signature", "checkpoint"} <= set(res)
     assert [m["step"] for m in r["loss_curve"]] == [4, 8, 12]
     assert r["params"]["six_layer_variant"]["n_layers"] == 6
+
+
+def test_ablation(runs: dict[str, Any]) -> None:
+    r = result(runs, "ablation")
+    assert set(r["results"]) == {"rope", "sinusoid", "no_label_smoothing", "six_layers"}
+    for row in r["results"].values():
+        assert row["steps"] == 8 and row["ndd"] is not None and row["curve"]
+    assert r["bleu_vs_rope"]["rope"] == 0
+    six, rope = r["results"]["six_layers"], r["results"]["rope"]
+    assert six["params_non_embedding"] > rope["params_non_embedding"]  # tiny has 2 layers
 
 
 def test_real_run_describe_has_report_counts(runs: dict[str, Any]) -> None:
