@@ -5,8 +5,8 @@ Every variant is the trial-42 configuration (``configs/search.yaml``'s first enq
 trained exactly as a search trial would be (``search.config.trial_train_config``: the full
 recipe cut to the truncation budget), with one key changed. Each reports the final BLEU-4 and
 NDD of the EMA weights on the same validation subset, val loss, tokens/s and the loss curve.
-``--max-steps``/``--eval-every``/``--grad-accum`` override the truncation (the e2e run's
-budget on the Bible: 480 steps of one 16k-token micro-batch, an eval every 80).
+``--max-steps``/``--eval-every``/``--grad-accum`` override the truncation (search.yaml's:
+480 steps of one 16k-token micro-batch, an evaluation every 80 on 300 pairs).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def search_config(args: Any, wd: Path) -> Any:
     """configs/search.yaml on the chosen corpus with the truncation overrides applied."""
     from search.config import load_search_config
-
     from trainer.config import apply_overrides
 
     raw = yaml.safe_load((common.REPO / "configs" / "search.yaml").read_text())
@@ -43,14 +42,16 @@ def search_config(args: Any, wd: Path) -> Any:
     (wd / "ablation-train.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
     raw["base_config"] = str(wd / "ablation-train.yaml")
     t = raw["truncation"]
-    t["max_steps"] = args.max_steps or (8 if args.tiny else 480)
-    t["eval_every"] = args.eval_every or max(1, t["max_steps"] // 6)
-    if args.eval_subset:
-        t["eval_subset"] = args.eval_subset
-    t["overrides"] = {**t["overrides"], "train.grad_accum": args.grad_accum,
-                      "train.compile": args.compile}
-    if args.tiny:
-        t["eval_subset"] = 16
+    if args.max_steps or args.tiny:
+        t["max_steps"] = args.max_steps or 8
+        t["eval_every"] = max(1, t["max_steps"] // 6)
+    if args.eval_every:
+        t["eval_every"] = args.eval_every
+    if args.eval_subset or args.tiny:
+        t["eval_subset"] = args.eval_subset or 16
+    t["overrides"] = {**t["overrides"], "train.compile": args.compile}
+    if args.grad_accum:
+        t["overrides"]["train.grad_accum"] = args.grad_accum
     path = wd / "ablation-search.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return load_search_config(path)
@@ -61,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated, of {', '.join(VARIANTS)} (default: all)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="truncation max_steps (default 480; --tiny 8)")
-    p.add_argument("--eval-every", type=int, default=None, help="default max_steps // 6")
+                   help="truncation max_steps (default: search.yaml's; --tiny 8)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="default: search.yaml's (max_steps // 6 with --max-steps)")
     p.add_argument("--eval-subset", type=int, default=None,
                    help="validation pairs decoded for BLEU-4 (default: search.yaml's)")
-    p.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimiser step (default 1: 16k tokens a step)")
+    p.add_argument("--grad-accum", type=int, default=None,
+                   help="micro-batches per optimiser step (default: search.yaml's, 1)")
     p.add_argument("--compile", action="store_true", help="train.compile: true")
     args = p.parse_args(argv)
     common.setup_logging()

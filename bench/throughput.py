@@ -13,9 +13,10 @@ Batches are real token-budget batches of the corpus (``--data-dir``: the exporte
 ``--tiny``: the synthetic task), the same ones for every variant. Every optimiser step sees
 ``--step-tokens`` tokens (131072 = 16k x 8, the report's step), so a 64k micro-batch
 accumulates 2. Timing: warm-up steps (compilation included) are timed separately and
-excluded; one step is timed alone between two ``torch.cuda.synchronize()`` (``step_s_synchronized``,
-it sizes the rest to the budget), then the timed steps run back to back as ``fit`` runs them
-(ours: the host waits for each step's loss one step late) between two synchronisations.
+excluded; one step is timed alone between two ``torch.cuda.synchronize()``
+(``step_s_synchronized``; it sizes the rest to the budget), then the timed steps run back to
+back as ``fit`` runs them (ours: the host waits for each step's loss one step late) between
+two synchronisations.
 
 Model FLOPs per micro-batch of shape (B, T) holding ``n`` real (non-padding) tokens::
 

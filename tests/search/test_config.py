@@ -11,12 +11,14 @@ import pytest
 import yaml
 
 from search.config import (
+    full_run_dict,
     load_search_config,
     search_config_from_dict,
     search_config_to_dict,
     trial_train_config,
 )
 from tests.search.conftest import tiny_search, tiny_train
+from trainer.config import config_from_dict
 from trainer.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -134,5 +136,7 @@ def test_report_trials_and_derived_shape() -> None:
     t = trial_train_config(cfg, dict(cfg.enqueue[2]), out_dir="/tmp/x")
     assert (t.model.n_heads, t.model.d_ff) == (8, 2048)  # d_model / 64, 4 * d_model
     # truncation: the budget, the compressed schedule; the rest is the report's recipe
-    assert (t.train.max_steps, t.train.eval_every, t.optim.warmup) == (600, 100, 0.1)
-    assert t.train.out_dir == "/tmp/x" and t.train.grad_accum == 8 and t.optim.beta2 == 0.95
+    assert (t.train.max_steps, t.train.eval_every, t.optim.warmup) == (480, 80, 0.1)
+    assert t.train.out_dir == "/tmp/x" and t.train.grad_accum == 1 and t.optim.beta2 == 0.95
+    full = config_from_dict(full_run_dict(cfg, dict(cfg.enqueue[2])))
+    assert full.train.grad_accum == 8  # the promoted run keeps the recipe's step
