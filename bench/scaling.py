@@ -50,6 +50,7 @@ def slice_config(args: Any, wd: Any, name: str, n_trials: int) -> Any:
                           eval_subset=args.eval_subset)
         truncation["overrides"] = {**truncation["overrides"], "train.eval_max_new_tokens": 32}
         warm = raw["enqueue"]
+        raw["pruner"] = {"type": "none"}  # the same work in every run: nothing is pruned
     raw.update(name=name, n_trials=n_trials, timeout_s=None,
                enqueue=[warm[i % len(warm)] for i in range(n_trials)])
     return search_config_from_dict(raw)
@@ -81,18 +82,26 @@ def run_slice(args: Any, wd: Any, url: str, name: str, n_workers: int, gpus: lis
     for proc in procs:
         proc.join()
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-    done = [t for t in trials if t.state.name == "COMPLETE"
+    done = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")
             and t.datetime_start is not None and t.datetime_complete is not None]
     if not done:
         states = [t.state.name for t in trials]
         return {"workers": n_workers, "error": f"no trial finished: {states}"}
     span = (max(t.datetime_complete.timestamp() for t in done if t.datetime_complete)
             - min(t.datetime_start.timestamp() for t in done if t.datetime_start))
-    steps = sum(int(t.user_attrs.get("steps", 0)) for t in done)
+    steps = sum(_steps(t) for t in done)
     return {"workers": n_workers, "gpus": gpus[:n_workers], "finished": len(done),
             "states": [t.state.name for t in trials], "trial_steps": steps,
             "span_s": round(span, 2),
             "trial_steps_per_hour": round(steps / span * 3600, 1) if span else None}
+
+
+def _steps(t: Any) -> int:
+    """Optimiser steps a finished trial trained: its result, else its last reported eval."""
+    if t.user_attrs.get("steps"):
+        return int(t.user_attrs["steps"])
+    curve = t.user_attrs.get("curve") or {}
+    return int((curve.get("step") or [0])[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,14 +101,16 @@ def launch(
     base = [sys.executable, "-m", "search.cli", "worker", "--study", study_name, "--storage", url]
     if n_trials_per_worker is not None:
         base += ["--n-trials", str(n_trials_per_worker)]
-    env = dict(os.environ)
+    # each worker gets its share of the cores for its CPU thread pools (unless the user set
+    # them): N processes with a pool of every core each oversubscribe the host, and a GPU
+    # worker's kernel launches then wait for CPU time
+    threads = str(max(1, (os.cpu_count() or 1) // max(len(gpus or []) + cpu_workers, 1)))
+    env = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, **os.environ}
     specs: list[tuple[str, list[str], dict[str, str]]] = []
     for gpu in gpus or []:
         specs.append((f"gpu{gpu}", [*base, "--gpu", str(gpu)], env))
-    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
     for k in range(cpu_workers):
-        cpu_env = dict(env, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        specs.append((f"cpu{k}", [*base, "--cpu", "--worker-index", str(k)], cpu_env))
+        specs.append((f"cpu{k}", [*base, "--cpu", "--worker-index", str(k)], env))
     workers = [
         _Worker(
             name, subprocess.Popen(cmd, env=e, start_new_session=True, preexec_fn=_die_with_parent)

@@ -68,6 +68,12 @@ def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:
     return trial.suggest_float(p.name, p.low, p.high, step=p.step, log=p.log)
 
 
+class Pruned(optuna.TrialPruned):
+    """Pruned at an eval: ``trainer.fit`` writes no checkpoint (a pruned trial never resumes)."""
+
+    checkpoint = False
+
+
 class PruningCallback:
     """``trainer.fit`` callback: report BLEU-4 at each eval, prune, stop on SIGTERM."""
 
@@ -92,7 +98,7 @@ class PruningCallback:
         )
         self.trial.report(bleu, k)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at eval {k} (step {step}) with BLEU-4 {bleu:.2f}")
+            raise Pruned(f"pruned at eval {k} (step {step}) with BLEU-4 {bleu:.2f}")
 
     def on_step(self, step: int) -> None:
         if self.stop.is_set():

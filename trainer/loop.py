@@ -65,7 +65,8 @@ log = logging.getLogger(__name__)
 
 class Callback(Protocol):
     """Both methods are optional; either may raise to stop training (``fit`` saves a
-    checkpoint, then re-raises). ``on_eval`` runs on rank 0 only, ``on_step`` on every rank."""
+    checkpoint, then re-raises; not when ``on_eval``'s exception has ``checkpoint = False``).
+    ``on_eval`` runs on rank 0 only, ``on_step`` on every rank."""
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -134,7 +135,8 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
         CheckpointError: ``resume`` is on and no listed checkpoint verifies.
         TrainingFailed: non-finite loss (``"nan_loss"``), out of memory at the smallest
             micro-batch (``"oom"``).
-        Exception: whatever a callback raised, after a checkpoint was saved.
+        Exception: whatever a callback raised, after a checkpoint was saved (unless the
+            exception's ``checkpoint`` attribute is False).
     """
     _checkpoint_to_resume(Path(cfg.train.out_dir), resume)  # before the data: fail fast
     owns_group = _init_distributed()
@@ -466,7 +468,8 @@ class _Run:
             dist.broadcast(flag, src=0)
             failed = bool(flag.item())
         if error is not None:
-            self._save()
+            if getattr(error, "checkpoint", True):  # a callback may stop a run for good
+                self._save()
             raise error
         if failed:
             raise TrainingFailed("a callback stopped the run on rank 0", reason="stopped")

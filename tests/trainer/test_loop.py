@@ -118,6 +118,21 @@ def test_on_step_raise_saves_then_resume_matches(task: Path, tmp_path: Path) -> 
     assert curve(fit(cfg, resume=True)) == curve(full)
 
 
+def test_a_callback_can_stop_without_a_checkpoint(task: Path, tmp_path: Path) -> None:
+    class Pruned(Exception):
+        checkpoint = False
+
+    class PruneAtFirstEval:
+        def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+            raise Pruned(f"pruned at step {step}")
+
+    # checkpoint_every > 0: evaluations do not checkpoint by themselves
+    cfg = tiny_config(task, tmp_path / "run", **{"train.checkpoint_every": 100})
+    with pytest.raises(Pruned):
+        fit(cfg, [PruneAtFirstEval()])
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
 def test_ema_weights_differ_and_are_what_gets_evaluated(task: Path, tmp_path: Path) -> None:
     # fp32 (CUDA's "auto" would evaluate in bf16) so the recomputation below matches closely
     cfg = tiny_config(task, tmp_path / "run", **{"train.ema_decay": 0.9,
