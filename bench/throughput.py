@@ -346,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     if with_hf and common.package_version("transformers") is None:
         with_hf, hf_missing = False, "transformers is not installed (pip install transformers)"
     torch._dynamo.config.assume_static_by_default = False
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as the trainer does, for both models
 
     wd = common.work_dir(args, "throughput")
     base_cfg, corpus = common.recipe(args, wd, {"train.compile": False})

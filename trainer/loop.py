@@ -275,6 +275,12 @@ class _Run:
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+        if self.device.type == "cuda":
+            # cuDNN's attention (which SDPA may pick for a masked attention on Hopper) builds an
+            # execution plan for every new shape: with length-bucketed batches nearly every
+            # training step and every decoding step has a new one, and an H200 trial spent its
+            # first ~150 steps and first evaluation mostly planning (2026-11-28 e2e log)
+            torch.backends.cuda.enable_cudnn_sdp(False)
         self.out_dir = Path(cfg.train.out_dir)
         precision = _precision(cfg.train.precision, self.device)
         self.precision = precision
