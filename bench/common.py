@@ -259,14 +259,11 @@ def work_dir(args: argparse.Namespace, name: str) -> Path:
 
 
 def trainer_run(cfg: Any) -> Any:
-    """The trainer's own per-run object (model, EMA, optimiser, ``train_step``, ``evaluate``).
+    """The trainer's own per-run object (``trainer.Run``: model, EMA, optimiser,
+    ``train_step``, ``evaluate``), so that what the benchmarks time is the trainer's code."""
+    from trainer import Run
 
-    ``trainer.loop._Run`` is private; this is the one place the benchmarks touch it, so
-    that what they time is the trainer's code, not a copy of it.
-    """
-    from trainer.loop import _Run
-
-    return _Run(cfg, [])
+    return Run(cfg, [])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """P2: BLEU-4 evaluation with KV-cache decoding against decoding without a cache.
 
-Both timings are the trainer's own evaluation (``_Run.evaluate``: val loss on the first
+Both timings are the trainer's own evaluation (``trainer.Run.evaluate``: val loss on the first
 ``eval_subset`` validation pairs, greedy translation of them in the trainer's batches, sacrebleu
 BLEU-4) with the same weights (the EMA of a ``bench.real_run`` checkpoint with ``--from-run``;
 else the freshly initialised model, which decodes to the length limit) in the same process.

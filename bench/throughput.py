@@ -1,6 +1,6 @@
 """P1: training throughput of the report's decoder against HF GPTNeoX, in the same run.
 
-*Ours* is one optimiser step of the trainer's own code (``trainer.loop._Run.train_step``):
+*Ours* is one optimiser step of the trainer's own code (``trainer.Run.train_step``):
 Report 03's recipe from ``configs/train.yaml`` (12L/768/3072/12h, RoPE, post-norm, dropout
 0.1, drop-path 0.1, prefix-LM mask, label smoothing 0.1, gradient accumulation, bf16 autocast,
 fused AdamW with layer-wise LR decay, gradient clipping, EMA update, one host sync), eager and

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any
 from trainer.config import TrainConfig
 
 if TYPE_CHECKING:
-    from trainer.loop import FitResult, fit
+    from trainer.loop import FitResult, Run, fit
 
-__all__ = ["FitResult", "TrainConfig", "fit"]
+__all__ = ["FitResult", "Run", "TrainConfig", "fit"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("fit", "FitResult"):
+    if name in ("fit", "FitResult", "Run"):
         from trainer import loop
 
         return getattr(loop, name)

@@ -1,7 +1,7 @@
 """``fit``: train one model per a :class:`TrainConfig`, evaluate it, checkpoint it.
 
 ``fit`` orchestrates (budgets, evaluation, early stopping, checkpoints, callbacks);
-``_Run.train_step`` holds the math of one optimiser step. Everything a resumed run needs is
+``Run.train_step`` holds the math of one optimiser step. Everything a resumed run needs is
 in the checkpoint (model, EMA, optimiser, GradScaler, RNG states, data position, the
 :class:`Progress` bookkeeping), so an interrupted and resumed single-process run produces
 the same loss curve, bit for bit, as an uninterrupted one.
@@ -141,7 +141,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
     _checkpoint_to_resume(Path(cfg.train.out_dir), resume)  # before the data: fail fast
     owns_group = _init_distributed()
     try:
-        return _Run(cfg, list(callbacks)).fit(resume)
+        return Run(cfg, list(callbacks)).fit(resume)
     finally:
         if owns_group:
             dist.destroy_process_group()
@@ -265,7 +265,20 @@ def _oom_injection() -> tuple[int, int]:
     return int(step), int(times or 1)
 
 
-class _Run:
+class Run:
+    """One training run: data, model, EMA, optimiser and progress for ``cfg``, on this
+    process's device (and rank). ``fit`` is ``Run(cfg, callbacks).fit(resume)``; benchmarks
+    drive the parts one at a time:
+
+    - ``train_step(batches)``: one optimiser step, waited for: (NLL sum, target tokens,
+      tokens, LR); ``launch_step`` + ``resolve`` the same in two halves, so the host can
+      prepare the next step while the device runs this one;
+    - ``evaluate()``: val loss and BLEU-4 (``ndd``) of the EMA weights on the eval subset;
+    - ``translate(model, sources)``: detokenised greedy/beam translations.
+
+    The progress counter (``progress.step``) is advanced by ``fit``, not by ``train_step``.
+    """
+
     def __init__(self, cfg: TrainConfig, callbacks: list[Any]) -> None:
         self.cfg = cfg
         self.callbacks = callbacks
