@@ -82,6 +82,7 @@ class PruningCallback:
         self.eval_every = eval_every
         self.stop = stop
         self.history: list[dict[str, float]] = []
+        self.step_ends: list[float] = []  # Unix time of the first two optimiser steps' ends
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.history.append(metrics)
@@ -101,6 +102,8 @@ class PruningCallback:
             raise Pruned(f"pruned at eval {k} (step {step}) with BLEU-4 {bleu:.2f}")
 
     def on_step(self, step: int) -> None:
+        if len(self.step_ends) < 2:
+            self.step_ends.append(time.time())
         if self.stop.is_set():
             raise WorkerStopped(f"stopped at step {step}")
 
@@ -145,6 +148,7 @@ class Objective:
         )
         callback = PruningCallback(trial, self.cfg.truncation.eval_every, self.stop)
         wall0, cpu0 = time.perf_counter(), time.process_time()
+        started_at = time.time()
         try:
             result = trainer.fit(train_cfg, [callback], resume=resume)
         except optuna.TrialPruned as e:
@@ -168,6 +172,10 @@ class Objective:
             raise
         finally:
             self._record(trial, out_dir, callback.history, wall0, cpu0)
+            ends = callback.step_ends + [None] * (2 - len(callback.step_ends))
+            trial.set_user_attr("timing", {  # Unix seconds: idle between trials, set-up cost
+                "fit_started_at": started_at, "first_step_at": ends[0],
+                "second_step_at": ends[1], "fit_ended_at": time.time()})
         for key, value in {
             "val_loss": result.val_loss,
             "best_val_loss": result.best_val_loss,
@@ -226,6 +234,9 @@ class Objective:
             last = history[-1]
             trial.set_user_attr("val_loss", last["val_loss"])
             trial.set_user_attr("tokens_per_s", round(last["tokens_per_s"], 1))
+            if "eval_s" in last:  # this attempt's evaluations (a resumed run's earlier ones too)
+                trial.set_user_attr("eval_seconds", round(sum(m.get("eval_s", 0.0)
+                                                              for m in history), 1))
 
 
 def _read_metrics(out_dir: Path) -> list[dict[str, float]]:

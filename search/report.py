@@ -191,6 +191,13 @@ def summary_markdown(
     ]
     if n_untimed:
         lines.append(f"  ({n_untimed} pruned trial(s) have no `{key}` and are left out)")
+    timed = [t for t in trials if t.user_attrs.get("eval_seconds") is not None
+             and t.user_attrs.get("wall_seconds")]
+    if timed:
+        evals = sum(float(t.user_attrs["eval_seconds"]) for t in timed)
+        wall = sum(float(t.user_attrs["wall_seconds"]) for t in timed)
+        lines.append(f"- evaluation (val loss + decoding for BLEU-4): {evals:.0f} of the "
+                     f"{wall:.0f} wall-seconds of {len(timed)} trials ({evals / wall:.0%})")
     if best is None:
         lines.append("- best trial: none yet (no complete trial)")
     else:

@@ -61,6 +61,11 @@ def test_create_launch_best_promote(
     out = capsys.readouterr().out
     assert out.startswith(f"best trial: {best.number} (BLEU-4 {best.value:.2f})")
     assert os.path.exists(best.user_attrs["checkpoint"])
+    # real fits: their evaluations' seconds and the fit's timeline are on the trial
+    assert 0 < best.user_attrs["eval_seconds"] < best.user_attrs["wall_seconds"]
+    timing = best.user_attrs["timing"]
+    assert (timing["fit_started_at"] < timing["first_step_at"] < timing["second_step_at"]
+            < timing["fit_ended_at"])
 
     config = tmp_path / "full.yaml"
     assert main(["promote", "--study", "tiny", "--trial", str(best.number), "--out",

@@ -110,6 +110,7 @@ def build_study(url: str, name: str = STUDY, n_trials: int = 10, seed: int = 0) 
             "wall_seconds": 30.0 * evals,
             "cpu_seconds": 31.0 * evals,
             "gpu_seconds": 30.0 * evals,
+            "eval_seconds": 6.0 * evals,
             "val_loss": train[-1] + 0.15,
             "tokens_per_s": 50_000.0,
         }
@@ -194,6 +195,8 @@ def test_report_from_live_study(storage_url: str, tmp_path: Path) -> None:
     saved = sum((N_EVALS - k) * 30 for k in PRUNED_AFTER.values())  # (6 - k) x 30 s per eval
     assert f"GPU-seconds saved by pruning: about {saved} " in text
     assert "(max_resource − its last eval)" in text
+    assert f"decoding for BLEU-4): {6 * evals} of the {30 * evals} wall-seconds" in text
+    assert "(20%)" in text
     assert "promote --study report-test --trial" in text
     for name in ("optuna_parallel.png", "train_val_loss.png", "intermediate_bleu.png"):
         assert f"]({name})" in text

@@ -80,7 +80,7 @@ def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]
         for step in range(start + cfg.train.eval_every, cfg.train.max_steps + 1,
                           cfg.train.eval_every):
             m = {"step": step, "train_loss": 1.0, "val_loss": 1.0, "lr": 1e-3,
-                 "tokens_per_s": 100.0, "bleu": cfg.model.d_model * step / 100}
+                 "tokens_per_s": 100.0, "bleu": cfg.model.d_model * step / 100, "eval_s": 0.0}
             history.append(m)
             save_checkpoint(out, step, {"step": torch.tensor(step)})
             if cfg.optim.lr == SIGTERM_LR and step == 2 * cfg.train.eval_every and not resume:
@@ -135,7 +135,12 @@ def test_worker_nan_fails_for_good_sigterm_retries_and_resumes(
     done = [t for t in trials.values() if t.state == TrialState.COMPLETE]
     for t in done:
         assert {"val_loss", "curve", "cpu_seconds", "n_params", "checkpoint",
-                "checkpoint_sha256", "best_step", "tokens_per_s"} <= set(t.user_attrs)
+                "checkpoint_sha256", "best_step", "tokens_per_s", "eval_seconds",
+                "timing"} <= set(t.user_attrs)
+        timing = t.user_attrs["timing"]
+        assert (timing["fit_started_at"] <= timing["first_step_at"] <= timing["second_step_at"]
+                <= timing["fit_ended_at"])
+        assert t.user_attrs["eval_seconds"] == 0.0  # the fake fit's evaluations take no time
 
 
 # ---------------------------------------------------------------------------------------------
