@@ -130,29 +130,22 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
     of the rest as the deadline allows back to back, as a training loop runs them: one
     synchronisation before and one after, ``flush`` (the host's wait for a lagging step)
     inside the timed span."""
+    def span(steps: list[list[Any]]) -> float:  # seconds from idle device to idle device
+        common.synchronize()
+        t0 = time.perf_counter()
+        for batches in steps:
+            step(batches)
+        flush()
+        common.synchronize()
+        return time.perf_counter() - t0
+
     graphs0 = _graphs()
-    common.synchronize()
-    t0 = time.perf_counter()
-    for batches in warmup:
-        step(batches)
-    flush()
-    common.synchronize()
-    warmup_s = time.perf_counter() - t0
+    warmup_s = span(warmup)
     graphs1 = _graphs()
-    t0 = time.perf_counter()
-    step(timed[0])
-    flush()
-    common.synchronize()
-    single_s = time.perf_counter() - t0
+    single_s = span(timed[:1])
     fits = int(max(0.0, deadline.left() - 5.0) / max(single_s, 1e-9) / 1.5)
     run = timed[1:1 + max(1, fits)]
-    t0 = time.perf_counter()
-    for batches in run:
-        step(batches)
-    flush()
-    common.synchronize()
-    total = time.perf_counter() - t0
-    times = [total / len(run)] * len(run)
+    total = span(run)
     tokens = padded = 0
     flops = flops_nonembed = 0.0
     for batches in run:
@@ -160,15 +153,14 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
         padded += sum(int(b.n_tokens) for b in batches)
         flops += sum(model_flops(b, shape) for b in batches)
         flops_nonembed += sum(model_flops(b, shape, with_head=False) for b in batches)
-    total = sum(times)
     out: dict[str, Any] = {
         "warmup_steps": len(warmup),
         "warmup_s": round(warmup_s, 3),
         "graphs_compiled_in_warmup": graphs1 - graphs0,
         "graphs_compiled_in_timed_steps": _graphs() - graphs1,  # > 0: a recompile was timed
         "graph_breaks": sum(counters["graph_break"].values()),
-        "timed_steps": len(times),
-        "step_s_mean": round(total / len(times), 5),
+        "timed_steps": len(run),
+        "step_s_mean": round(total / len(run), 5),
         "step_s_synchronized": round(single_s, 5),  # one step alone, host waiting for it
         "tokens": tokens,
         "padding_fraction": round(1 - tokens / padded, 4) if padded else None,

@@ -234,7 +234,7 @@ class Objective:
             last = history[-1]
             trial.set_user_attr("val_loss", last["val_loss"])
             trial.set_user_attr("tokens_per_s", round(last["tokens_per_s"], 1))
-            if "eval_s" in last:  # this attempt's evaluations (a resumed run's earlier ones too)
+            if "eval_s" in last:  # every evaluation of the run (a resumed one: earlier ones too)
                 trial.set_user_attr("eval_seconds", round(sum(m.get("eval_s", 0.0)
                                                               for m in history), 1))
 

@@ -253,10 +253,6 @@ def _real_tokens(batch: Batch) -> int:
     return int(batch.prefix_lens.sum()) + batch.n_target_tokens  # CPU tensor: no device sync
 
 
-def _first(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def _oom_injection() -> tuple[int, int]:
     spec = os.environ.get("AMT_INJECT_OOM", "")
     if not spec:
@@ -320,6 +316,7 @@ class Run:
         self.saved_step = -1
         self.saved_path: Path | None = None
         self.pending: _Pending | None = None  # the launched step not yet waited for
+        self.lr = 0.0  # the LR of the last step waited for
         self.bleu_signature = ""
         if self.world > 1:  # same initial weights everywhere (DDP checks), own dropout masks
             torch.manual_seed(cfg.train.seed + self.rank)
@@ -343,31 +340,31 @@ class Run:
                    disable=self.rank != 0 or not sys.stderr.isatty()
                    or os.environ.get("AMT_PROGRESS", "1") == "0")
         stopped_by = self._stop_reason()
-        lr = 0.0
         while stopped_by is None:
             t0 = time.perf_counter()
             step_batches = [next(batches) for _ in range(cfg.train.grad_accum)]
             launched = self.launch_step(step_batches)
             p.step += 1
-            lr = _first(self._account(bar), lr)  # the previous step, while the GPU runs this
+            self._account(bar)  # the previous step, while the GPU runs this one
             self.pending = launched
             if cfg.train.max_tokens:  # a token budget needs this step's count now
-                lr = _first(self._account(bar), lr)
+                self._account(bar)
             p.elapsed_s = time.perf_counter() - started
             stopped_by = self._stop_reason()
             checkpoint_due = (cfg.train.checkpoint_every
                               and p.step % cfg.train.checkpoint_every == 0)
             if stopped_by or checkpoint_due or p.step % cfg.train.eval_every == 0:
-                lr = _first(self._account(bar), lr)  # evaluations and checkpoints see it all
+                self._account(bar)  # evaluations and checkpoints see it all
             dt = time.perf_counter() - t0
             p.window_s += dt
             p.train_s += dt
             p.elapsed_s = time.perf_counter() - started
             bar.update()
             if p.step % cfg.train.eval_every == 0 or stopped_by:
-                if self._evaluate_and_report(lr, started):  # checkpoints if checkpoint_every=0
+                # checkpoints too when checkpoint_every=0
+                if self._evaluate_and_report(self.lr, started):
                     stopped_by = "early_stopping"
-            if cfg.train.checkpoint_every and p.step % cfg.train.checkpoint_every == 0:
+            if checkpoint_due:
                 self._save()
             self._call("on_step", p.step)
         bar.close()
@@ -375,10 +372,10 @@ class Run:
             self._evaluate_and_report(0.0, started)
         return self._finish(stopped_by or "budget")
 
-    def _account(self, bar: Any = None) -> float | None:
-        """Wait for the pending step (if any) and add it to the progress; its LR."""
+    def _account(self, bar: Any = None) -> None:
+        """Wait for the pending step (if any) and add it to the progress."""
         if self.pending is None:
-            return None
+            return
         step, self.pending = self.pending, None
         loss_sum, loss_tokens, tokens, lr = self.resolve(step)
         p = self.progress
@@ -386,9 +383,9 @@ class Run:
         p.loss_sum += loss_sum
         p.loss_tokens += loss_tokens
         p.window_tokens += tokens
+        self.lr = lr
         if bar is not None:
             bar.set_postfix(loss=f"{loss_sum / max(loss_tokens, 1):.3f}", lr=f"{lr:.2e}")
-        return lr
 
     def _start(self, resume: bool) -> None:
         ckpt = _checkpoint_to_resume(self.out_dir, resume)
