@@ -1,5 +1,9 @@
 """P2: BLEU-4 evaluation with KV-cache decoding against decoding without a cache.
 
+Three modes: ``cached`` (the trainer's default: KV cache; on a GPU the steps after the prompt
+replayed as a CUDA graph), ``cached_eager`` (KV cache, every step launched from Python:
+what the graph saves) and ``uncached`` (the reference).
+
 Both timings are the trainer's own evaluation (``trainer.Run.evaluate``: val loss on the first
 ``eval_subset`` validation pairs, greedy translation of them in the trainer's batches, sacrebleu
 BLEU-4) with the same weights (the EMA of a ``bench.real_run`` checkpoint with ``--from-run``;
@@ -11,11 +15,11 @@ the modes (``--repeats`` times, the fastest of each counts). The hypotheses are 
 
 Evaluation's share of a trial (``configs/search.yaml``'s truncation budget: ``max_steps``
 optimiser steps, an evaluation every ``eval_every`` steps on ``eval_subset`` pairs, a
-checkpoint saved at each)::
+checkpoint every ``train.checkpoint_every`` steps of a trial that is not pruned)::
 
-    n_evals = ceil(max_steps / eval_every)
-    eval_fraction = n_evals * (eval_s + checkpoint_s)
-                    / (n_evals * (eval_s + checkpoint_s) + max_steps * step_s)
+    n_evals = ceil(max_steps / eval_every);  n_ckpt = max_steps // checkpoint_every
+    eval_fraction = n_evals * eval_s
+                    / (n_evals * eval_s + n_ckpt * checkpoint_s + max_steps * step_s)
 
 with ``eval_s`` the cached evaluation measured here, ``checkpoint_s`` one checkpoint save of
 this model, and ``step_s`` one optimiser step of the same recipe timed here after the decoding
@@ -44,13 +48,16 @@ log = logging.getLogger("bench.decode")
 TARGETS = {"cache_speedup": 5.0, "eval_fraction_of_trial": 0.10}
 
 
+MODES = {"cached": {}, "cached_eager": {"static": False}, "uncached": {"use_cache": False}}
+
+
 @contextlib.contextmanager
-def no_cache() -> Iterator[None]:
-    """Make the trainer's evaluation decode without the KV cache."""
+def decoding(**options: Any) -> Iterator[None]:
+    """Make the trainer's evaluation call ``generate`` with ``options`` (e.g. no KV cache)."""
     import trainer.loop as loop
 
     original = loop.generate
-    loop.generate = functools.partial(original, use_cache=False)
+    loop.generate = functools.partial(original, **options)
     try:
         yield
     finally:
@@ -73,23 +80,19 @@ def translate(run: Any, pairs: Any) -> list[str]:
         return list(run.translate(model, [ex.src_ids for ex in pairs]))
 
 
-def mode(cached: bool) -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext() if cached else no_cache()
-
-
 def compare(run: Any, repeats: int, warm_pairs: int, deadline: common.Deadline
             ) -> dict[str, dict[str, Any]]:
-    """Warm both modes up on ``warm_pairs`` pairs, then time full evaluations, alternating
-    cached and uncached ``repeats`` times (the fastest of each counts), then, when the budget
-    allows, the translation alone once per mode (``decode_s``; the hypotheses compared come
-    from it, else from a last translation of the first ``warm_pairs`` pairs)."""
-    out: dict[str, dict[str, Any]] = {"cached": {"eval_s_all": []}, "uncached": {"eval_s_all": []}}
-    for cached in (True, False):
-        with mode(cached):
+    """Warm every mode up on ``warm_pairs`` pairs, then time full evaluations, taking the modes
+    in turn ``repeats`` times (the fastest of each counts), then, when the budget allows, the
+    translation alone once per mode (``decode_s``; the hypotheses compared come from it, else
+    from a last translation of the first ``warm_pairs`` pairs)."""
+    out: dict[str, dict[str, Any]] = {name: {"eval_s_all": []} for name in MODES}
+    for options in MODES.values():
+        with decoding(**options):
             translate(run, run.eval_pairs[:warm_pairs])
     for r in range(repeats):
-        for cached, name in ((True, "cached"), (False, "uncached")):
-            with mode(cached):
+        for name, options in MODES.items():
+            with decoding(**options):
                 metrics, seconds = timed(run.evaluate)
             out[name]["eval_s_all"].append(round(seconds, 3))
             out[name].update(bleu=round(metrics["bleu"], 2),
@@ -100,8 +103,8 @@ def compare(run: Any, repeats: int, warm_pairs: int, deadline: common.Deadline
             break
     alone = deadline.left() > 1.2 * last_round + 30  # room left for step_s and the checkpoint
     pairs = run.eval_pairs if alone else run.eval_pairs[:warm_pairs]
-    for cached, name in ((True, "cached"), (False, "uncached")):
-        with mode(cached):
+    for name, options in MODES.items():
+        with decoding(**options):
             hyps, seconds = timed(lambda: translate(run, pairs))
         out[name].update(eval_s=min(out[name]["eval_s_all"]),
                          decode_s=round(seconds, 3) if alone else None, hypotheses=hyps)
@@ -124,11 +127,12 @@ def step_seconds(run: Any, n_steps: int) -> float:
 
 
 def trial_budget() -> dict[str, int]:
-    """``configs/search.yaml``'s truncation: what one trial trains and evaluates."""
+    """``configs/search.yaml``'s truncation: what one trial trains, evaluates and saves."""
     raw = yaml.safe_load((common.REPO / "configs" / "search.yaml").read_text())
     t = raw["truncation"]
+    every = (t.get("overrides") or {}).get("train.checkpoint_every", 0)
     return {"max_steps": int(t["max_steps"]), "eval_every": int(t["eval_every"]),
-            "eval_subset": int(t["eval_subset"])}
+            "eval_subset": int(t["eval_subset"]), "checkpoint_every": int(every or 0)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     report = common.Report("decode", args, {
         "corpus": corpus, "weights": weights, "eval_subset": subset,
         "eval_max_new_tokens": cfg.train.eval_max_new_tokens,
-        "decode_rows": max(1, cfg.train.tokens_per_batch // cfg.model.max_len),
+        "decode_rows": cfg.train.eval_decode_rows,
         "beam_size": cfg.train.beam_size, "trial_budget": budget,
-        "formula": "n_evals*(eval_s+checkpoint_s) / (n_evals*(eval_s+checkpoint_s) + "
-                   "max_steps*step_s), n_evals = ceil(max_steps/eval_every)",
+        "modes": {name: f"generate({', '.join(f'{k}={v}' for k, v in o.items())})"
+                  for name, o in MODES.items()},
+        "formula": "n_evals*eval_s / (n_evals*eval_s + n_ckpt*checkpoint_s + max_steps*step_s),"
+                   " n_evals = ceil(max_steps/eval_every), n_ckpt = max_steps//checkpoint_every",
     })
     run = common.trainer_run(cfg)
     if args.from_run:
@@ -183,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         run.model.load_state_dict(state["model"])
         if run.ema is not None and state.get("ema") is not None:
             run.ema.load_state_dict(state["ema"])
-    log.info("evaluation of %d pairs with and without the KV cache ...", subset)
+    log.info("evaluation of %d pairs: %s ...", subset, ", ".join(MODES))
     modes = compare(run, args.repeats or (3 if args.tiny else 2), min(8, subset), deadline)
-    cached, uncached = modes["cached"], modes["uncached"]
+    cached, eager, uncached = modes["cached"], modes["cached_eager"], modes["uncached"]
     for name, m in modes.items():
         report[name] = {k: v for k, v in m.items() if k != "hypotheses"}
     same = sum(a == b for a, b in zip(cached["hypotheses"], uncached["hypotheses"], strict=True))
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_speedup": round(uncached["eval_s"] / cached["eval_s"], 2),
         "decode_speedup": (round(uncached["decode_s"] / cached["decode_s"], 2)
                            if cached["decode_s"] else None),
+        "graph_eval_speedup": round(eager["eval_s"] / cached["eval_s"], 2),
         "identical_hypotheses": f"{same}/{len(cached['hypotheses'])}",
         "bleu_difference": round(cached["bleu"] - uncached["bleu"], 2),
     }
@@ -202,14 +209,17 @@ def main(argv: list[str] | None = None) -> int:
     _, checkpoint_s = timed(run._save)
     step_s = step_seconds(run, args.steps or (2 if args.tiny else 4))
     n_evals = math.ceil(budget["max_steps"] / budget["eval_every"])
-    per_eval = cached["eval_s"] * budget["eval_subset"] / subset + checkpoint_s
-    fraction = n_evals * per_eval / (n_evals * per_eval + budget["max_steps"] * step_s)
+    n_ckpt = budget["max_steps"] // budget["checkpoint_every"] if budget["checkpoint_every"] else 0
+    per_eval = cached["eval_s"] * budget["eval_subset"] / subset
+    train_s, eval_s = budget["max_steps"] * step_s, n_evals * per_eval
+    ckpt_s = n_ckpt * checkpoint_s
+    fraction = eval_s / (eval_s + ckpt_s + train_s)
     trial: dict[str, Any] = {
         "step_s": round(step_s, 4), "checkpoint_s": round(checkpoint_s, 3),
-        "eval_s_at_trial_subset": round(per_eval - checkpoint_s, 3),
-        "n_evals": n_evals, "eval_fraction_of_trial": round(fraction, 4),
-        "trial_train_s": round(budget["max_steps"] * step_s, 1),
-        "trial_eval_s": round(n_evals * per_eval, 1),
+        "eval_s_at_trial_subset": round(per_eval, 3), "n_evals": n_evals,
+        "n_checkpoints": n_ckpt, "eval_fraction_of_trial": round(fraction, 4),
+        "checkpoint_fraction_of_trial": round(ckpt_s / (eval_s + ckpt_s + train_s), 4),
+        "trial_train_s": round(train_s, 1), "trial_eval_s": round(eval_s, 1),
     }
     if run_result:
         train_s = run_result["tokens"] / max(run_result["tokens_per_s"], 1e-9)

@@ -3,18 +3,20 @@
 #
 #   bash bench/run_gpu_suite.sh            on a machine with 2 H200s (or 1: the lanes run in turn)
 #
-# Needs, beside the repository: the wheels in .whl/ (bash ../shared/tools/offline-wheels.sh .whl)
+# Needs, beside the repository: the wheels in .whl/ (bash ../shared/tools/offline-wheels.sh .whl, and
+# pip download --only-binary=:all: --python-version 3.12 --platform any -d .whl pytest)
 # and the exported Bible in .data/bible-en-fr/{train,val,test}.tsv
 # (python -m trainer.data export --src 4 --tgt 5 --out .data/bible-en-fr); carry both.
 # Writes $OUT/<date>_<hardware>_<bench>.json per benchmark and $OUT/suite.log.
 #
-# Three phases; in the first two each GPU runs its own lane:
-#   1. GPU 0: throughput (P1: ours vs HF GPTNeoX, eager and compiled, 16k micro-batches)
-#      GPU 1: ablation (Report 03 §6 at the truncated budget; $ABLATION_VARIANTS, default all)
-#   2. GPU 0: idle (P6)  |  GPU 1: decode (P2) on a finished ablation run's weights
-#   3. both:  scaling (P3: the same slice with 1 worker, then one per GPU)
-# Timing-sensitive measurements of GPU 1 (decode) wait for phase 1 to end: torch.compile's
-# workers take every CPU core and slow a neighbour's eager steps 2-4x (2026-11-28 suite).
+# Two phases:
+#   1. GPU 0: throughput (P1: ours vs HF GPTNeoX, eager and compiled, 16k micro-batches;
+#             Inductor limited to $COMPILE_THREADS compile workers, recompiles logged)
+#      GPU 1: ablation (Report 03 §6 at the truncated budget; $ABLATION_VARIANTS, default all),
+#             then decode (P2) on a finished ablation run's weights, then idle (P6)
+#   2. both:  scaling (P3: the same slice with 1 worker, then one per GPU)
+# torch.compile's workers take every CPU core unless limited and slow a neighbour's eager
+# steps 2-4x (2026-11-28 suite): with 8 of 32 cores for them, GPU 1's lane runs beside.
 # Each benchmark has a hard time limit (timeout), so the call ends in time and each benchmark
 # leaves what it measured (its JSON is rewritten after every measurement).
 set -uo pipefail
@@ -50,20 +52,25 @@ bench() {
 }
 
 ABLATION_VARIANTS=${ABLATION_VARIANTS:-rope,sinusoid,no_label_smoothing,six_layers}
-phase1_gpu0() { bench 0 300 throughput --budget-s 280 --sizes 16384; }
-phase1_gpu1() {
-  bench "$1" 300 ablation --work-dir "$AMT_HOME/ablation" --variants "$ABLATION_VARIANTS"
+COMPILE_THREADS=${COMPILE_THREADS:-8}
+lane0() {
+  TORCHINDUCTOR_COMPILE_THREADS=$COMPILE_THREADS TORCH_LOGS=recompiles \
+    bench 0 330 throughput --budget-s 310 --sizes 16384
 }
-phase2_gpu0() { bench 0 100 idle; }
-phase2_gpu1() {
-  local run
+lane1() {
+  local gpu=$1 run
+  echo "=== tests/trainer/test_cuda.py -k decoding on GPU $gpu"  # CUDA-graph decoding checked
+  CUDA_VISIBLE_DEVICES=$gpu timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/trainer/test_cuda.py -k decoding > "$OUT/test_cuda.log" 2>&1; tail -n 3 "$OUT/test_cuda.log"
+  bench "$gpu" 270 ablation --work-dir "$AMT_HOME/ablation" --variants "$ABLATION_VARIANTS"
   run=$(ls -d "$AMT_HOME"/ablation/*/ 2>/dev/null | while read -r d; do
           [ -f "$d/result.json" ] && echo "$d"; done | head -n 1)
   if [ -n "$run" ]; then
-    bench "$1" 110 decode --from-run "$run" --repeats 2 --budget-s 90
+    bench "$gpu" 75 decode --from-run "$run" --repeats 2 --budget-s 60
   else
-    bench "$1" 110 decode --repeats 1 --budget-s 90   # untrained weights: decodes to the limit
+    bench "$gpu" 75 decode --repeats 1 --budget-s 60   # untrained weights: decodes to the limit
   fi
+  bench "$gpu" 50 idle
 }
 
 # the data cache (tokenizer, encoded splits) once, before the lanes share it
@@ -80,11 +87,10 @@ print("suite: data cache ready:", len(data.train), "train pairs, vocab", data.vo
 EOF
 
 if (( N_GPUS >= 2 )); then
-  phase1_gpu0 & A=$!; phase1_gpu1 1 & B=$!; wait $A $B
-  phase2_gpu0 & A=$!; phase2_gpu1 1 & B=$!; wait $A $B
-  bench 0,1 150 scaling
+  lane0 & A=$!; lane1 1 & B=$!; wait $A $B
+  bench 0,1 200 scaling
 else
-  phase1_gpu0; phase2_gpu0; phase1_gpu1 0; phase2_gpu1 0
+  lane0; lane1 0
   echo "suite: scaling needs 2 GPUs"
 fi
 # at most 8 files come back from a device call: the benchmarks' logs go in one tarball

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -71,15 +71,16 @@ def save_checkpoint(run_dir: Path | str, step: int, state: dict[str, Any], keep:
     with _manifest_lock(run_dir):
         _remove_dead_temps(run_dir)
         entries = [e for e in _read_manifest(run_dir) if e["file"] != path.name]
+        digest = hashlib.sha256()  # hashed as it is written: a 1.5 GB checkpoint is not read back
         try:
-            atomic_write(path, lambda f: torch.save(state, f))
+            atomic_write(path, lambda f: torch.save(state, cast(IO[bytes], _Hashing(f, digest))))
         except Exception as e:  # torch reports a failed write (ENOSPC) as a RuntimeError
             raise _write_failed(path, e) from e
         entry = {
             "file": path.name,
             "step": step,
             "size": path.stat().st_size,
-            "sha256": sha256_file(path),
+            "sha256": digest.hexdigest(),
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         kept, dropped = [*entries, entry][-keep:], [*entries, entry][:-keep]
@@ -142,6 +143,26 @@ def verify(run_dir: Path | str) -> list[CheckpointCheck]:
         CheckpointCheck(run_dir / e["file"], int(e["step"]), _check(run_dir / e["file"], e))
         for e in _read_manifest(run_dir)
     ]
+
+
+def checkpoint_sha256(path: Path | str) -> str | None:
+    """The SHA-256 the manifest lists for ``path`` (None when unlisted), without reading it."""
+    entry = _entry_for(Path(path))
+    return str(entry["sha256"]) if entry else None
+
+
+class _Hashing:
+    """A write-only file that feeds what passes through it to ``digest``."""
+
+    def __init__(self, f: IO[bytes], digest: Any) -> None:
+        self.f, self.digest = f, digest
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def sha256_file(path: Path | str) -> str:

@@ -5,6 +5,12 @@ same time step; each row's positions start at 0 at its first real token (RoPE an
 see the same positions as in training) and the padding is masked out. With ``use_cache`` the
 keys/values of earlier positions are kept (:class:`trainer.model.KVCache`); without it the
 whole sequence is recomputed every step, the reference the cached path must match.
+
+With the cache, every token after the prompt is one step of fixed shapes (one new token per
+row against all ``max_len`` cache slots, the unfilled ones masked, its position a device
+tensor). On a GPU that step is captured once per batch as a CUDA graph and replayed: a
+12-layer step is ~250 small kernels, and launching them one by one from Python, not the
+arithmetic, is what decoding a batch of short sentences costs.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ import torch
 from trainer.model import DecoderLM, KVCache, attention_mask
 
 __all__ = ["generate"]
+
+# replayed steps check whether every row is done only every few tokens: a check waits for
+# the GPU, and the host then has nothing queued (finished rows only add <eos>)
+_SYNC_EVERY = 8
 
 
 @torch.no_grad()
@@ -27,6 +37,7 @@ def generate(
     beam_size: int = 1,
     use_cache: bool = True,
     max_new_ratio: float = 0.0,
+    static: bool | None = None,
 ) -> list[list[int]]:
     """Translate each source; returns the target ids of each row without <eos>.
 
@@ -34,7 +45,8 @@ def generate(
     ``model.cfg.max_len``; with ``max_new_ratio`` > 0 a row also stops after
     ``ratio * len(source) + 10`` tokens (fairseq's ``max_len_a``/``max_len_b``), so an untrained
     model does not decode every row to the limit. Beam search ranks finished hypotheses by
-    mean log-probability.
+    mean log-probability. ``static`` (default: on a GPU) steps the cache at fixed shapes and,
+    on a GPU, replays them as a CUDA graph; the same tokens as the plain cached steps.
     """
     if not src_ids:
         return []
@@ -52,7 +64,9 @@ def generate(
               for s in src_ids]
     max_new = max(limits)
     limit = torch.tensor(limits, device=device)  # (B,) tokens each row may generate
-    step = _Stepper(model, tokens, start, prefix_end, P + max_new, use_cache)
+    if static is None:
+        static = device.type == "cuda"
+    step = _Stepper(model, tokens, start, prefix_end, P + max_new, use_cache, static)
     if beam_size == 1:
         return _greedy(step, limit, eos_id, max_new)
     return _beam(step, limit, beam_size, eos_id, max_new)
@@ -62,15 +76,25 @@ class _Stepper:
     """Returns next-token log-probabilities (rows, V) for the sequences so far."""
 
     def __init__(self, model: DecoderLM, prompt: torch.Tensor, start: torch.Tensor,
-                 prefix_end: torch.Tensor, max_len: int, use_cache: bool) -> None:
+                 prefix_end: torch.Tensor, max_len: int, use_cache: bool, static: bool) -> None:
         self.model = model
         self.seq = prompt  # (rows, T) everything so far, left-padded
         self.start, self.prefix_end = start, prefix_end
+        self.max_len = max_len
         self.cache = KVCache(model.cfg, prompt.size(0), max_len) if use_cache else None
         self.fed = 0  # positions already in the cache
+        # after the prompt, fixed-shape steps from these buffers (``static``)
+        self.static = static and use_cache
+        self.graphed = self.static and prompt.is_cuda
+        self.token: torch.Tensor | None = None  # (rows, 1) the newest token
+        self.position: torch.Tensor | None = None  # (1,) its position
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None  # the graph's output
 
     def __call__(self) -> torch.Tensor:
         T = self.seq.size(1)
+        if self.static and self.fed:
+            return self._static(T)
         new = self.seq[:, self.fed:] if self.cache is not None else self.seq
         positions = (torch.arange(T - new.size(1), T, device=new.device)[None]
                      - self.start[:, None]).clamp(min=0)  # (rows, Tq) 0 at the first real token
@@ -84,11 +108,57 @@ class _Stepper:
 
     def append(self, next_tokens: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         if rows is not None:
-            self.seq, self.start, self.prefix_end = (
-                t[rows] for t in (self.seq, self.start, self.prefix_end))
+            self.seq = self.seq[rows]
+            for t in (self.start, self.prefix_end):  # in place: a captured graph reads them
+                t.copy_(t[rows])
             if self.cache is not None:
                 self.cache.reorder(rows)
         self.seq = torch.cat([self.seq, next_tokens[:, None]], dim=1)
+
+    def _static(self, T: int) -> torch.Tensor:
+        """Log-probabilities after the newest token (position T-1), at fixed shapes."""
+        assert self.cache is not None
+        if self.token is None:
+            self.token = self.seq[:, -1:].clone()
+            self.position = torch.full((1,), T - 1, device=self.seq.device)
+            self.cache.position = self.position
+        else:
+            assert self.position is not None
+            self.token.copy_(self.seq[:, -1:])
+            self.position.fill_(T - 1)
+        self.fed = T
+        if not self.graphed:
+            return self._fixed_step()
+        if self.graph is None:
+            self._capture()
+        assert self.graph is not None and self.out is not None
+        self.graph.replay()
+        return self.out
+
+    def _fixed_step(self) -> torch.Tensor:
+        assert self.token is not None and self.position is not None
+        keys = torch.arange(self.max_len, device=self.token.device)
+        query = self.position  # the rule of trainer.model.attention_mask, one query
+        visible = (keys < self.prefix_end[:, None]) | (keys <= query)
+        visible = visible & (keys >= self.start[:, None])  # (rows, max_len)
+        positions = (query - self.start).clamp(min=0)[:, None]  # (rows, 1)
+        logits = self.model.run(self.token, positions, visible[:, None, None], self.cache)
+        return torch.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def _capture(self) -> None:
+        """Capture ``_fixed_step`` as a CUDA graph, after one warm-up on a side stream (it
+        writes the cache slot the first replay writes again). Autocast's weight cache is off
+        inside: cached casts would outlive the graph's memory."""
+        autocast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                                  enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), autocast:
+            self._fixed_step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:
+            self.out = self._fixed_step()
 
 
 def _greedy(step: _Stepper, limit: torch.Tensor, eos_id: int, max_new: int
@@ -97,12 +167,13 @@ def _greedy(step: _Stepper, limit: torch.Tensor, eos_id: int, max_new: int
     device = step.seq.device
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     out = []
+    every = _SYNC_EVERY if step.graphed else 1
     for t in range(max_new):
         next_tokens = step().argmax(-1)  # (B,)
         next_tokens = torch.where(done | (t >= limit), eos_id, next_tokens)
         out.append(next_tokens)
         done |= next_tokens == eos_id
-        if bool(done.all()):  # sync: one per generated token, to stop early
+        if t % every == every - 1 and bool(done.all()):  # sync, to stop early
             break
         step.append(next_tokens)
     rows = torch.stack(out, 1).tolist() if out else [[] for _ in range(batch)]
@@ -118,6 +189,7 @@ def _beam(step: _Stepper, limit: torch.Tensor, k: int, eos_id: int, max_new: int
     lengths = torch.zeros(batch, k, device=device)
     done = torch.zeros(batch, k, dtype=torch.bool, device=device)
     history = torch.zeros(batch, k, 0, dtype=torch.long, device=device)
+    every = _SYNC_EVERY if step.graphed else 1
     for t in range(max_new):
         logp = step().view(batch, k, -1)  # (B, k, V)
         # a finished beam only extends with <eos> at no cost, so it keeps its score; at its
@@ -133,7 +205,7 @@ def _beam(step: _Stepper, limit: torch.Tensor, k: int, eos_id: int, max_new: int
                              token[..., None]], dim=-1)
         lengths = lengths.gather(1, beam) + (~done.gather(1, beam)).float()
         done = done.gather(1, beam) | (token == eos_id)
-        if bool(done.all()):  # sync: one per generated token
+        if t % every == every - 1 and bool(done.all()):  # sync, to stop early
             break
         rows = (beam + torch.arange(batch, device=device)[:, None] * k).view(-1)
         step.append(token.view(-1), rows)

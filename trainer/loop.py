@@ -44,9 +44,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from storage.checkpoints import (
+    checkpoint_sha256,
     load_checkpoint,
     save_checkpoint,
-    sha256_file,
     verify,
 )
 from storage.errors import CheckpointError
@@ -305,7 +305,9 @@ class Run:
         if len(self.data.val) == 0:
             raise ConfigError("the validation split is empty (data.val_fraction / data.val_path)")
         self.eval_pairs = self.data.val[: cfg.train.eval_subset]
-        self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id).to(self.device)
+        with self.device:  # initialised where it trains: on a GPU, a 16-layer model is
+            # ready in ~0.1 s instead of ~2 s of CPU init and copy between two trials (P6)
+            self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id)
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -509,7 +511,7 @@ class Run:
             best_step=p.best_step, steps=p.step, tokens=p.tokens,
             tokens_per_s=p.tokens / max(p.train_s, 1e-9), wall_s=p.elapsed_s,
             history=list(p.history), checkpoint=str(path) if path else None,
-            checkpoint_sha256=sha256_file(path) if path else None, stopped_by=stopped_by,
+            checkpoint_sha256=checkpoint_sha256(path) if path else None, stopped_by=stopped_by,
             bleu_signature=self.bleu_signature,
             micro_batch_tokens=self.cfg.train.tokens_per_batch // p.micro_split,
         )

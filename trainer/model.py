@@ -66,12 +66,17 @@ def attention_mask(
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding (no per-step concat).
 
-    Allocated on the first update, in the dtype of the keys (bf16/fp16 under autocast)."""
+    Allocated on the first update, in the dtype of the keys (bf16/fp16 under autocast).
+    Two ways to fill it: after ``length`` positions (a Python int; each call sees the
+    filled part), or, with ``position`` set (a (1,) device tensor), one token at that
+    position and every call sees all ``max_len`` keys (the mask hides the unfilled ones):
+    fixed shapes and no host value, so a CUDA graph can replay the step."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int) -> None:
         self.shape = (cfg.n_layers, batch, cfg.n_heads, max_len, cfg.d_model // cfg.n_heads)
         self.k = self.v = torch.empty(0)
         self.length = 0  # positions filled so far, the same in every row
+        self.position: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,15 +84,20 @@ class KVCache:
         if self.k.numel() == 0:
             self.k = k.new_zeros(self.shape)
             self.v = v.new_zeros(self.shape)
+        if self.position is not None:
+            self.k[layer].index_copy_(2, self.position, k)
+            self.v[layer].index_copy_(2, self.position, v)
+            return self.k[layer], self.v[layer]
         end = self.length + k.size(2)
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows ``rows`` (beam search)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+        """Keep rows ``rows`` (beam search), in place (a captured graph keeps its buffers)."""
+        if self.k.numel():
+            self.k.copy_(self.k[:, rows])
+            self.v.copy_(self.v[:, rows])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,9 +141,9 @@ def test_real_run_describe_has_report_counts(runs: dict[str, Any]) -> None:
 
 def test_decode(runs: dict[str, Any]) -> None:
     r = result(runs, "decode")
-    for mode in ("cached", "uncached"):
+    for mode in ("cached", "cached_eager", "uncached"):
         assert r[mode]["eval_s"] > 0 and r[mode]["decode_s"] > 0
-    assert r["cached"]["bleu"] == r["uncached"]["bleu"]
+    assert r["cached"]["bleu"] == r["cached_eager"]["bleu"] == r["uncached"]["bleu"]
     assert r["comparison"]["identical_hypotheses"] == "16/16"
     assert 0 < r["trial"]["eval_fraction_of_trial"] < 1
     assert {"cache_speedup_met", "eval_fraction_met"} <= set(r["verdict"])

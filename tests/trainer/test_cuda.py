@@ -50,9 +50,11 @@ def test_cached_decoding_on_cuda(dtype: torch.dtype) -> None:
     model = DecoderLM(cfg, 50, 0).cuda().eval()
     sources = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 3]]
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        cached = generate(model, sources, 1, 2, 0, 20)
+        graphed = generate(model, sources, 1, 2, 0, 20)  # CUDA graph replays
+        cached = generate(model, sources, 1, 2, 0, 20, static=False)
         recomputed = generate(model, sources, 1, 2, 0, 20, use_cache=False)
         beams = generate(model, sources, 1, 2, 0, 20, beam_size=4)
+        beams_eager = generate(model, sources, 1, 2, 0, 20, beam_size=4, static=False)
     assert len(beams) == 3
     if dtype == torch.float32:
-        assert cached == recomputed
+        assert graphed == cached == recomputed and beams == beams_eager
