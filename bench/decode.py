@@ -111,6 +111,24 @@ def compare(run: Any, repeats: int, warm_pairs: int, deadline: common.Deadline
     return out
 
 
+def profile(run: Any, top: int = 15) -> dict[str, Any]:
+    """One cached evaluation under torch.profiler: wall seconds and the operators that take
+    the most device time (host time on a CPU), to see where an evaluation goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if common.on_gpu():
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        _, seconds = timed(run.evaluate)
+    key = "device_time_total" if common.on_gpu() else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    return {"eval_s_profiled": round(seconds, 3), "sorted_by": key, "top": [
+        {"op": e.key[:80], "count": e.count, "ms": round(getattr(e, key, 0.0) / 1e3, 2),
+         "cpu_ms": round(e.cpu_time_total / 1e3, 2)} for e in rows[:top]]}
+
+
 def step_seconds(run: Any, n_steps: int) -> float:
     """Median seconds of one optimiser step of the run's recipe (after one warm-up step)."""
     from bench.throughput import step_batches
@@ -144,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed optimiser steps for step_s (default 4; --tiny 2)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed evaluations per mode, the fastest counts (default 2; --tiny 3)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one cached evaluation (torch.profiler): the top operators")
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="no further repeat starts when it would overrun this (default 150)")
     args = p.parse_args(argv)
@@ -204,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "bleu_difference": round(cached["bleu"] - uncached["bleu"], 2),
     }
     report.save()
+    if args.profile:
+        report["profile"] = profile(run)
+        report.save()
 
     run.progress.step = 10**6  # a step number no checkpoint of this run uses
     _, checkpoint_s = timed(run._save)

@@ -53,9 +53,11 @@ bench() {
 
 ABLATION_VARIANTS=${ABLATION_VARIANTS:-rope,sinusoid,no_label_smoothing,six_layers}
 COMPILE_THREADS=${COMPILE_THREADS:-8}
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---sizes 16384}   # e.g. "--sizes 16384 --compile-sizes=" (eager only)
 lane0() {
+  # shellcheck disable=SC2086
   TORCHINDUCTOR_COMPILE_THREADS=$COMPILE_THREADS TORCH_LOGS=recompiles \
-    bench 0 330 throughput --budget-s 310 --sizes 16384
+    bench 0 330 throughput --budget-s 310 $THROUGHPUT_ARGS
 }
 lane1() {
   local gpu=$1 run
@@ -66,7 +68,7 @@ lane1() {
   run=$(ls -d "$AMT_HOME"/ablation/*/ 2>/dev/null | while read -r d; do
           [ -f "$d/result.json" ] && echo "$d"; done | head -n 1)
   if [ -n "$run" ]; then
-    bench "$gpu" 75 decode --from-run "$run" --repeats 2 --budget-s 60
+    bench "$gpu" 75 decode --from-run "$run" --repeats 2 --budget-s 60 --profile
   else
     bench "$gpu" 75 decode --repeats 1 --budget-s 60   # untrained weights: decodes to the limit
   fi

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="worker counts, comma-separated (default: 1 and every GPU; --tiny 1,2)")
     p.add_argument("--trials", type=int, default=None, help="trials in the slice (default 8)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="optimiser steps per trial (default 20; --tiny 6)")
+                   help="optimiser steps per trial (default 60; --tiny 6)")
     p.add_argument("--eval-subset", type=int, default=32, help="pairs per evaluation (32)")
     args = p.parse_args(argv)
     common.setup_logging()
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench: error: scaling needs one GPU per worker and at least 2 "
                          f"({n_gpus} seen, --workers {counts})")
     args.trials = args.trials or (4 if args.tiny else 8)
-    args.max_steps = args.max_steps or (6 if args.tiny else 20)
+    args.max_steps = args.max_steps or (6 if args.tiny else 60)
     wd = common.work_dir(args, "scaling")
     common.amt_home(wd)
     server, where = common.server_url(args.storage)

@@ -36,7 +36,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 import trainer
 from search.config import ParamSpec, SearchConfig, trial_train_config
-from storage.checkpoints import latest_checkpoint
+from storage.checkpoints import keep_newest, latest_checkpoint
 from storage.paths import state_dir
 from trainer.config import TrainConfig
 from trainer.errors import TrainingFailed
@@ -176,6 +176,7 @@ class Objective:
             trial.set_user_attr("timing", {  # Unix seconds: idle between trials, set-up cost
                 "fit_started_at": started_at, "first_step_at": ends[0],
                 "second_step_at": ends[1], "fit_ended_at": time.time()})
+        keep_newest(out_dir, 1)  # a complete trial never resumes: its final checkpoint only
         for key, value in {
             "val_loss": result.val_loss,
             "best_val_loss": result.best_val_loss,

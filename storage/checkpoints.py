@@ -95,6 +95,24 @@ def save_checkpoint(run_dir: Path | str, step: int, state: dict[str, Any], keep:
     return path
 
 
+def keep_newest(run_dir: Path | str, keep: int = 1) -> None:
+    """Delete all but the newest ``keep`` listed checkpoints (a finished run that will not
+    resume needs only its last). The manifest is rewritten first, atomically, so a kill in
+    between leaves unlisted files, never a manifest that lists a missing one."""
+    run_dir = Path(run_dir)
+    if not (run_dir / MANIFEST).exists():
+        return
+    with _manifest_lock(run_dir):
+        entries = _read_manifest(run_dir)
+        if len(entries) <= keep:
+            return
+        kept, dropped = entries[-keep:], entries[:-keep]
+        manifest = json.dumps({"version": 1, "checkpoints": kept}, indent=2) + "\n"
+        atomic_write(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
+        for old in dropped:
+            (run_dir / old["file"]).unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path | str, map_location: str | None = "cpu") -> dict[str, Any]:
     """Verify ``path`` against its run directory's manifest, then load it (weights only).
 

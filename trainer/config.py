@@ -156,7 +156,7 @@ class TrainingConfig:
     eval_max_new_tokens: int = 200
     # a translation also stops after ratio * source tokens + 10 (0: only eval_max_new_tokens)
     eval_max_new_ratio: float = 2.0
-    eval_decode_rows: int = 256  # sentences decoded together (KV cache: rows x max_len)
+    eval_decode_rows: int = 512  # sentences decoded together (KV cache: rows x max_len)
     beam_size: int = 1
     early_stopping_patience: int = 5  # evals without val-loss improvement; 0 disables
     checkpoint_every: int = 0  # optimiser steps; 0: at every eval

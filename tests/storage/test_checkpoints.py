@@ -47,6 +47,17 @@ def test_keeps_the_newest_two(tmp_path: Path) -> None:
         ck.save_checkpoint(tmp_path, 5, state(5), keep=1)
 
 
+def test_keep_newest_drops_the_older_checkpoints(tmp_path: Path) -> None:
+    for step in (1, 2):
+        ck.save_checkpoint(tmp_path, step, state(step))
+    ck.keep_newest(tmp_path, 1)  # what a complete search trial keeps
+    assert saved(tmp_path) == [".manifest.lock", "ckpt_000000002.pt", "manifest.json"]
+    assert [c.ok for c in ck.verify(tmp_path)] == [True]
+    assert ck.checkpoint_sha256(tmp_path / "ckpt_000000002.pt") == ck.sha256_file(
+        tmp_path / "ckpt_000000002.pt")
+    ck.keep_newest(tmp_path / "elsewhere", 1)  # no manifest: nothing to do
+
+
 def _truncate(path: Path) -> None:
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
