@@ -56,11 +56,18 @@ def slice_config(args: Any, wd: Any, name: str, n_trials: int) -> Any:
     return search_config_from_dict(raw)
 
 
-def worker(name: str, url: str, gpu: int | None, index: int, amt_home: str) -> None:
+def worker(name: str, url: str, gpu: int | None, index: int, amt_home: str,
+           n_workers: int) -> None:
     os.environ["AMT_HOME"] = amt_home
     os.environ.setdefault("AMT_PROGRESS", "0")
     common.setup_logging()
+    import torch
+
     from search.worker import run_worker
+
+    # the host's cores shared out as `amt-search launch` does (OMP_NUM_THREADS per worker):
+    # W workers with every core each slow each other's steps on the host side
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // n_workers))
 
     run_worker(name, gpu=gpu, storage_url=url, worker_index=index)
 
@@ -75,7 +82,7 @@ def run_slice(args: Any, wd: Any, url: str, name: str, n_workers: int, gpus: lis
     create_study(cfg, url)
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=worker, args=(name, url, gpus[i] if gpus else None, i,
-                                              os.environ["AMT_HOME"]))
+                                              os.environ["AMT_HOME"], n_workers))
              for i in range(n_workers)]
     for proc in procs:
         proc.start()
