@@ -237,7 +237,7 @@ class Objective:
             trial.set_user_attr("tokens_per_s", round(last["tokens_per_s"], 1))
             if "eval_s" in last:  # every evaluation of the run (a resumed one: earlier ones too)
                 trial.set_user_attr("eval_seconds", round(sum(m.get("eval_s", 0.0)
-                                                              for m in history), 1))
+                                                              for m in history), 3))
 
 
 def _read_metrics(out_dir: Path) -> list[dict[str, float]]:

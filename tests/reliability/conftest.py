@@ -55,7 +55,7 @@ SCENARIOS = (
     "PostgreSQL down 0 s",
     "PostgreSQL down 20 s",
     "PostgreSQL down 60 s",
-    "SIGSTOP a worker (and the start lock's holder) 15 s",
+    "SIGSTOP a worker (and the start lock's holder) 20 s",
     "SIGTERM a worker",
     "NaN / inf loss",
     "CUDA OOM, recoverable",
