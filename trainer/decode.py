@@ -157,7 +157,9 @@ class _Stepper:
             self._fixed_step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
+        # thread-local: another thread's CUDA call (a torchrun run's NCCL watchdog polling
+        # its events) must not invalidate this capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), autocast:
             self.out = self._fixed_step()
 
 
