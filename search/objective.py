@@ -21,6 +21,7 @@ Failure handling:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -36,18 +37,23 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 
 import trainer
 from search.config import ParamSpec, SearchConfig, trial_train_config
+from search.errors import SearchError
 from storage.checkpoints import keep_newest, latest_checkpoint
 from storage.paths import state_dir
 from trainer.config import TrainConfig
 from trainer.errors import TrainingFailed
 
-__all__ = ["Objective", "PruningCallback", "TrialLost", "WorkerStopped", "run_dir"]
+__all__ = ["DiskFull", "Objective", "PruningCallback", "TrialLost", "WorkerStopped", "run_dir"]
 
 log = logging.getLogger(__name__)
 
 
 class WorkerStopped(Exception):
     """The worker was asked to stop (SIGTERM); the trial saved and was re-enqueued."""
+
+
+class DiskFull(SearchError):
+    """A trial could not write its run directory (checkpoint, metrics): no space left."""
 
 
 class TrialLost(Exception):
@@ -170,6 +176,19 @@ class Objective:
             _enqueue_retry(trial, bounded=False)
             trial.set_user_attr("fail_reason", "stopped")
             raise
+        except Exception as e:
+            if not _disk_full(e):
+                raise
+            # every trial of this worker would hit it: the trial waits for a retry (from its
+            # last checkpoint, which a failed write leaves intact) and the worker stops
+            message = (str(e).splitlines() or [type(e).__name__])[0]
+            _enqueue_retry(trial, bounded=False)
+            trial.set_user_attr("fail_reason", "disk_full")
+            trial.set_user_attr("fail_message", message)
+            raise DiskFull(
+                f"trial {trial.number}: {message}; the trial is queued to resume from its last "
+                f"checkpoint: free space under {out_dir.parent} and run the workers again"
+            ) from e
         finally:
             self._record(trial, out_dir, callback.history, wall0, cpu0)
             ends = callback.step_ends + [None] * (2 - len(callback.step_ends))
@@ -245,7 +264,13 @@ def _read_metrics(out_dir: Path) -> list[dict[str, float]]:
     path = out_dir / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    history = []
+    for line in path.read_text().splitlines():
+        try:
+            history.append(json.loads(line))
+        except ValueError:  # a line torn by a full disk or a kill: not an eval
+            continue
+    return history
 
 
 def _curve(history: list[dict[str, float]]) -> dict[str, list[float]]:
@@ -276,6 +301,18 @@ def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> None:
         (callback or RetryHeartbeatStaleTrialCallback())(
             trial.study, storage.get_trial(trial._trial_id)
         )
+
+
+def _disk_full(error: BaseException) -> bool:
+    """True when ``error`` or what caused it is ENOSPC / EDQUOT (no space, quota exceeded)."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _drop_checkpoints(out_dir: Path) -> None:

@@ -34,7 +34,7 @@ import sqlalchemy
 from sqlalchemy import text
 
 from search.config import SearchConfig
-from search.objective import Objective, TrialLost, WorkerStopped
+from search.objective import DiskFull, Objective, TrialLost, WorkerStopped
 from search.study import count_trials, load_study, open_worker_storage
 from trainer.errors import TrainingFailed
 
@@ -247,7 +247,7 @@ class _ExpectedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (TrainingFailed, TrialLost, WorkerStopped)):
+        if isinstance(exc, (DiskFull, TrainingFailed, TrialLost, WorkerStopped)):
             return False
         return "failed with value None" not in record.getMessage()
 

@@ -61,6 +61,7 @@ SCENARIOS = (
     "CUDA OOM, recoverable",
     "CUDA OOM at the smallest micro-batch",
     "disk full while checkpointing",
+    "disk full in a search trial",
     "bad input (CLI table)",
 )
 _HEADER = "| scenario | runs | survived | lost | seconds | what was checked |"

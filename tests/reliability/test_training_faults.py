@@ -3,6 +3,7 @@ trainer's ``AMT_INJECT_OOM`` hook) and a disk that fills up while a checkpoint i
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ import trainer
 from search.config import load_search_config, trial_train_config
 from storage.checkpoints import latest_checkpoint, load_checkpoint, verify
 from storage.errors import CheckpointError
-from tests.reliability.conftest import ForkServer, make_study
+from tests.reliability.conftest import ForkServer, make_study, resumed_steps, wait_for
 from trainer.config import config_from_dict
 
 
@@ -92,6 +93,17 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(mount)], check=True)
 
 
+def _fill(filler: Path) -> None:
+    """Write ``filler`` until the disk it is on has no byte left."""
+    with open(filler, "wb", buffering=0) as f:
+        for size in (1 << 16, 1 << 12, 1 << 8, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC
+
+
 class _FillDisk:
     """``fit`` callback: after the first evaluation (and its checkpoint), fill the disk."""
 
@@ -99,15 +111,8 @@ class _FillDisk:
         self.filler = filler
 
     def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
-        if self.filler.exists():
-            return
-        with open(self.filler, "wb", buffering=0) as f:
-            for size in (1 << 16, 1 << 12, 1 << 8, 1):
-                try:
-                    while True:
-                        f.write(b"\0" * size)
-                except OSError as e:
-                    assert e.errno == errno.ENOSPC
+        if not self.filler.exists():
+            _fill(self.filler)
 
 
 def test_disk_full_while_checkpointing_through_fit(
@@ -139,3 +144,56 @@ def test_disk_full_while_checkpointing_through_fit(
     assert "\n" not in str(failed.value)
     assert intact, (left, checks)
     assert resumed.steps == 12 and os.path.exists(resumed.checkpoint or "")
+
+
+def test_disk_full_in_a_trial_stops_the_worker_and_the_retry_resumes(
+    forkserver: ForkServer, corpus_dir: Path, new_database: Callable[[], str], tmp_path: Path,
+    small_disk: Path, record: Callable[..., None],
+) -> None:
+    """The workers' run directories on a 2 MB tmpfs that fills up after the trial's first
+    checkpoint: the worker stops with one line (no traceback), the trial is FAIL 'disk_full'
+    with a queued retry, its checkpoints verify; with space again a worker resumes it."""
+    started = time.monotonic()
+    study = make_study(tmp_path, corpus_dir, new_database(), "diskfull", n_trials=1,
+                       truncation={"max_steps": 400, "eval_every": 4, "eval_subset": 8,
+                                   "warmup": 0.1})
+    study = dataclasses.replace(study, home=small_disk)
+    run = study.run_dir(0)
+    worker = study.spawn(forkserver, 0)
+    wait_for(lambda: (run / "manifest.json").exists() or worker.poll() is not None, 120,
+             "trial 0's first checkpoint")
+    filler = small_disk / "filler"
+    _fill(filler)
+    rc = worker.wait(120)
+    text = worker.text()
+    trials = study.study().get_trials(deepcopy=False)
+    checks = verify(run)
+    left = sorted(p.name for p in run.iterdir())
+    stopped_ok = (
+        rc == 2 and "Traceback" not in text
+        and text.strip().splitlines()[-1].startswith("amt-search: error: trial 0: cannot write")
+        and "No space left on device" in text.strip().splitlines()[-1]
+        and trials[0].state == TrialState.FAIL
+        and trials[0].user_attrs.get("fail_reason") == "disk_full"
+        and len(trials) == 2 and trials[1].state == TrialState.WAITING
+        and trials[1].system_attrs.get("failed_trial") == 0
+        and checks and all(c.ok for c in checks) and not [n for n in left if n.endswith(".tmp")]
+    )
+    filler.unlink()  # space again: the retry resumes from the intact checkpoint
+    again = study.spawn(forkserver, 1)
+    rc2 = again.wait(120)
+    trials = study.study().get_trials(deepcopy=False)
+    resumed = resumed_steps([again.text()])
+    resumed_ok = (rc2 == 0 and trials[1].state == TrialState.COMPLETE
+                  and trials[1].user_attrs.get("resumed_from") == 0
+                  and resumed.get(1, 0) >= 4 and trials[1].user_attrs["steps"] == 400)
+    print(text.strip().splitlines()[-1], f"| resumed from step {resumed.get(1)}")
+    record("disk full in a search trial", 1, int(stopped_ok and resumed_ok),
+           time.monotonic() - started,
+           "run directories on a full tmpfs: the worker exits 2 with one line naming the trial "
+           "(no traceback); trial FAIL 'disk_full' + a queued retry; its checkpoints verify, no "
+           "temp file; with space again a new worker resumes it from its last checkpoint and "
+           "completes it")
+    assert stopped_ok, (rc, text[-3000:], [(t.state, t.user_attrs) for t in trials], checks,
+                        left)
+    assert resumed_ok, (rc2, again.tail(), resumed)
