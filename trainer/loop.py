@@ -141,7 +141,10 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
     _checkpoint_to_resume(Path(cfg.train.out_dir), resume)  # before the data: fail fast
     owns_group = _init_distributed()
     try:
-        return Run(cfg, list(callbacks)).fit(resume)
+        result = Run(cfg, list(callbacks)).fit(resume)
+        if owns_group:  # sync: rank 0 finishes alone (test split, result.json); a rank that
+            dist.barrier()  # tore the group down first once made gloo abort rank 0 (CI)
+        return result
     finally:
         if owns_group:
             dist.destroy_process_group()
