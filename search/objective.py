@@ -39,6 +39,7 @@ import trainer
 from search.config import ParamSpec, SearchConfig, trial_train_config
 from search.errors import SearchError
 from storage.checkpoints import keep_newest, latest_checkpoint
+from storage.errors import os_error_in
 from storage.paths import state_dir
 from trainer.config import TrainConfig
 from trainer.errors import TrainingFailed
@@ -304,15 +305,9 @@ def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> None:
 
 
 def _disk_full(error: BaseException) -> bool:
-    """True when ``error`` or what caused it is ENOSPC / EDQUOT (no space, quota exceeded)."""
-    seen: set[int] = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
+    """True when what went wrong is ENOSPC / EDQUOT (no space, quota exceeded)."""
+    cause = os_error_in(error)
+    return cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def _drop_checkpoints(out_dir: Path) -> None:

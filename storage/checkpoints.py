@@ -30,7 +30,7 @@ from typing import IO, Any, cast
 
 import torch
 
-from storage.errors import CheckpointError
+from storage.errors import CheckpointError, os_error_in
 from storage.files import atomic_write
 
 MANIFEST = "manifest.json"
@@ -83,15 +83,11 @@ def save_checkpoint(run_dir: Path | str, step: int, state: dict[str, Any], keep:
             "sha256": digest.hexdigest(),
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        kept, dropped = [*entries, entry][-keep:], [*entries, entry][:-keep]
-        manifest = json.dumps({"version": 1, "checkpoints": kept}, indent=2) + "\n"
         try:
-            atomic_write(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
+            _commit(run_dir, [*entries, entry], keep)
         except Exception as e:
             path.unlink(missing_ok=True)
             raise _write_failed(path, e) from e
-        for old in dropped:
-            (run_dir / old["file"]).unlink(missing_ok=True)
     return path
 
 
@@ -104,13 +100,19 @@ def keep_newest(run_dir: Path | str, keep: int = 1) -> None:
         return
     with _manifest_lock(run_dir):
         entries = _read_manifest(run_dir)
-        if len(entries) <= keep:
-            return
-        kept, dropped = entries[-keep:], entries[:-keep]
-        manifest = json.dumps({"version": 1, "checkpoints": kept}, indent=2) + "\n"
-        atomic_write(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
-        for old in dropped:
-            (run_dir / old["file"]).unlink(missing_ok=True)
+        if len(entries) > keep:
+            _commit(run_dir, entries, keep)
+
+
+def _commit(run_dir: Path, entries: list[dict[str, Any]], keep: int) -> None:
+    """Write the manifest listing the newest ``keep`` of ``entries`` (atomically), then delete
+    the files of the others: a kill in between leaves unlisted files, never a listed one
+    missing. Called under the manifest lock."""
+    kept, dropped = entries[-keep:], entries[:-keep]
+    manifest = json.dumps({"version": 1, "checkpoints": kept}, indent=2) + "\n"
+    atomic_write(run_dir / MANIFEST, lambda f: f.write(manifest.encode()))
+    for old in dropped:
+        (run_dir / old["file"]).unlink(missing_ok=True)
 
 
 def load_checkpoint(path: Path | str, map_location: str | None = "cpu") -> dict[str, Any]:
@@ -193,10 +195,8 @@ def sha256_file(path: Path | str) -> str:
 
 
 def _write_failed(path: Path, error: BaseException) -> CheckpointError:
-    cause: BaseException | None = error
-    while cause is not None and not isinstance(cause, OSError):
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(cause, OSError):
+    cause = os_error_in(error)
+    if cause is not None:
         reason = cause.strerror or str(cause)
         hint = "free disk space" if cause.errno == errno.ENOSPC else "check the run directory"
     else:

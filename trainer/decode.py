@@ -137,12 +137,10 @@ class _Stepper:
 
     def _fixed_step(self) -> torch.Tensor:
         assert self.token is not None and self.position is not None
-        keys = torch.arange(self.max_len, device=self.token.device)
-        query = self.position  # the rule of trainer.model.attention_mask, one query
-        visible = (keys < self.prefix_end[:, None]) | (keys <= query)
-        visible = visible & (keys >= self.start[:, None])  # (rows, max_len)
-        positions = (query - self.start).clamp(min=0)[:, None]  # (rows, 1)
-        logits = self.model.run(self.token, positions, visible[:, None, None], self.cache)
+        mask = attention_mask(self.start, self.prefix_end, 1, self.max_len,
+                              queries=self.position)  # (rows, 1, 1, max_len)
+        positions = (self.position - self.start).clamp(min=0)[:, None]  # (rows, 1)
+        logits = self.model.run(self.token, positions, mask, self.cache)
         return torch.log_softmax(logits[:, -1].float(), dim=-1)
 
     def _capture(self) -> None:

@@ -49,15 +49,17 @@ def sinusoid(positions: torch.Tensor, d_model: int) -> torch.Tensor:
 
 
 def attention_mask(
-    start: torch.Tensor, prefix_end: torch.Tensor, n_queries: int, n_keys: int
+    start: torch.Tensor, prefix_end: torch.Tensor, n_queries: int, n_keys: int,
+    queries: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean mask (B, 1, Tq, Tk), True = attend; the queries are the last ``n_queries`` keys.
+    """Boolean mask (B, 1, Tq, Tk), True = attend; the queries are the last ``n_queries`` keys,
+    or at the absolute positions ``queries`` (Tq,) (a device tensor: a replayed decoding step).
 
     ``start`` (B,): first real position of each row (left padding before it is hidden).
     ``prefix_end`` (B,): positions below it are seen bidirectionally (the source and <sep>).
     """
     k = torch.arange(n_keys, device=start.device)
-    q = k[n_keys - n_queries :, None]  # (Tq, 1) absolute positions of the queries
+    q = (k[n_keys - n_queries :] if queries is None else queries)[:, None]  # (Tq, 1)
     visible = (k < prefix_end[:, None, None]) | (k <= q)  # (B, Tq, Tk)
     visible = visible & (k >= start[:, None, None])
     return visible[:, None]
