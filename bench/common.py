@@ -309,7 +309,7 @@ def small_task_search(wd: Path, name: str, *, pruner: str, n_trials: int, seed: 
         "truncation": {"max_steps": max_steps, "eval_every": eval_every,
                        "eval_subset": eval_subset, "warmup": 0.1},
         "sampler": {"type": "tpe", "seed": seed, "n_startup_trials": 5},
-        "pruner": {"type": pruner, "min_resource": 1, "reduction_factor": 3},
+        "pruner": {"type": pruner},  # the service's defaults (search.config.PrunerConfig)
         "derive": {"head_dim": 32, "ffn_ratio": 2},
         "space": SMALL_TASK_SPACE,
         "n_trials": n_trials,

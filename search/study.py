@@ -26,6 +26,7 @@ __all__ = [
     "create_study",
     "load_study",
     "make_pruner",
+    "pruner_min_resource",
     "make_sampler",
     "open_worker_storage",
 ]
@@ -149,19 +150,28 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
     p = cfg.pruner
     if p.type == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=p.min_resource,
+            min_resource=pruner_min_resource(cfg),
             max_resource=cfg.pruner_max_resource,
             reduction_factor=p.reduction_factor,
         )
     if p.type == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=p.min_resource, reduction_factor=p.reduction_factor
+            min_resource=pruner_min_resource(cfg), reduction_factor=p.reduction_factor
         )
     if p.type == "median":
         return optuna.pruners.MedianPruner(
             n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_evals
         )
     return optuna.pruners.NopPruner()
+
+
+def pruner_min_resource(cfg: SearchConfig) -> int:
+    """``pruner.min_resource``, or with 0 (the default) a third of the evals a trial makes,
+    rounded down, at least 1 and at most ``max_resource``: before that BLEU-4 does not rank
+    configurations (BENCHMARKS.md, P5)."""
+    if cfg.pruner.min_resource:
+        return cfg.pruner.min_resource
+    return max(1, min(cfg.truncation.n_evals // 3, cfg.pruner_max_resource))
 
 
 def _open(storage_url: str | None, cfg: SearchConfig) -> Any:
