@@ -2,9 +2,10 @@
 
 Two studies of the small task (``bench.common.small_task_search``: the synthetic word-by-word
 translation, a 1-2 layer decoder, 180-step trials evaluated every 30 steps, 6 parameters)
-differ only in the pruner: Hyperband with the service's default settings (``configs/search.yaml``,
-``search.config.PrunerConfig``: first rung at a third of the evals, reduction factor 4) or none. Same TPE sampler and seed, same number of trials, one
-worker each (``search.worker.run_worker``, in this process), on a scratch PostgreSQL database.
+differ only in the pruner: Hyperband with the service's default settings
+(``configs/search.yaml``, ``search.config.PrunerConfig``: first rung at a third of the evals,
+reduction factor 4) or none. Same TPE sampler and seed, same number of trials, one worker each
+(``search.worker.run_worker``, in this process), on a scratch PostgreSQL database.
 
 For each study, trials in order (one worker: number order), compute is summed over every
 trial, pruned ones included, from the objective's own records (``cpu_seconds``, and
