@@ -55,6 +55,9 @@ BAD = [
     ({"pruner|type": "patient"}, "pruner.type must be one of"),
     ({"pruner|reduction_factor": 1}, "pruner.reduction_factor must be >= 2"),
     ({"pruner|max_resource": 9}, "pruner.max_resource=9 exceeds the 5 evals"),
+    ({"pruner|min_resource": -1}, "pruner.min_resource must be >= 1 (or 0: a third"),
+    ({"pruner|min_resource": 3, "pruner|max_resource": 2},
+     "pruner.max_resource=2 is below pruner.min_resource=3"),
     ({"n_trials": _DELETE}, "set n_trials, timeout_s or both"),
     ({"n_trials": 2}, "enqueue lists 3 trials but n_trials is 2"),
     ({"grace_period_s": 3}, "grace_period_s=3 must be at least"),
@@ -140,3 +143,35 @@ def test_report_trials_and_derived_shape() -> None:
     assert t.train.out_dir == "/tmp/x" and t.train.grad_accum == 1 and t.optim.beta2 == 0.95
     full = config_from_dict(full_run_dict(cfg, dict(cfg.enqueue[2])))
     assert full.train.grad_accum == 8  # the promoted run keeps the recipe's step
+
+
+def test_default_pruner_starts_pruning_at_a_third_of_the_budget(tmp_path: Path) -> None:
+    """min_resource 0 (the default): the first rung at n_evals // 3 (at least 1, at most
+    max_resource), reduction factor 4; an explicit min_resource is kept."""
+    import optuna
+
+    from search.config import PrunerConfig
+    from search.study import make_pruner, pruner_min_resource
+
+    assert (PrunerConfig().min_resource, PrunerConfig().reduction_factor) == (0, 4)
+    shipped = load_search_config(REPO / "configs" / "search.yaml")  # 6 evals
+    assert shipped.pruner == PrunerConfig()  # the YAML states the service's defaults
+    pruner = make_pruner(shipped)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (2, 6, 4)
+
+    def cfg(**changes: Any) -> Any:
+        raw = _raw(tmp_path, **{"pruner": {"type": "hyperband"}})
+        for key, value in changes.items():
+            raw[key.split("|")[0]][key.split("|")[1]] = value
+        return search_config_from_dict(raw)
+
+    assert pruner_min_resource(cfg()) == 1  # 40 steps, an eval every 8: 5 evals
+    assert pruner_min_resource(cfg(**{"truncation|eval_every": 4})) == 3  # 10 evals
+    assert pruner_min_resource(cfg(**{"truncation|eval_every": 40})) == 1  # one eval
+    assert pruner_min_resource(cfg(**{"truncation|eval_every": 4,
+                                      "pruner|max_resource": 2})) == 2
+    assert pruner_min_resource(cfg(**{"truncation|eval_every": 4,
+                                      "pruner|min_resource": 1})) == 1
+    sha = make_pruner(cfg(**{"truncation|eval_every": 4, "pruner|type": "successive_halving"}))
+    assert sha._min_resource == 3
