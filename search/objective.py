@@ -3,7 +3,8 @@
 The trial trains the study's recipe cut to the truncation budget, in
 ``<state dir>/runs/<study>/trial-<number>``. At every evaluation the pruning callback reports
 BLEU-4 at step k (the k-th eval) and raises :class:`optuna.TrialPruned` when the pruner says
-so; ``fit`` saves a checkpoint and re-raises. The trial's value is the final BLEU-4.
+so (never at the budget's last eval: the trial has spent it all); ``fit`` saves a checkpoint
+and re-raises. The trial's value is the final BLEU-4.
 
 Failure handling:
 
@@ -82,12 +83,15 @@ class Pruned(optuna.TrialPruned):
 
 
 class PruningCallback:
-    """``trainer.fit`` callback: report BLEU-4 at each eval, prune, stop on SIGTERM."""
+    """``trainer.fit`` callback: report BLEU-4 at each eval, prune (not at the last eval
+    of the budget), stop on SIGTERM."""
 
-    def __init__(self, trial: optuna.Trial, eval_every: int, stop: threading.Event) -> None:
+    def __init__(self, trial: optuna.Trial, eval_every: int, stop: threading.Event,
+                 n_evals: int | None = None) -> None:
         self.trial = trial
         self.eval_every = eval_every
         self.stop = stop
+        self.n_evals = n_evals  # the budget's last eval: reported, never pruned at
         self.history: list[dict[str, float]] = []
         self.step_ends: list[float] = []  # Unix time of the first two optimiser steps' ends
 
@@ -105,7 +109,9 @@ class PruningCallback:
             metrics["tokens_per_s"],
         )
         self.trial.report(bleu, k)
-        if self.trial.should_prune():
+        # at the budget's last eval the trial has spent it all: pruning saves nothing and throws
+        # its result away (a rung can fall there, e.g. 8 evals with rungs at 2 and 8)
+        if (self.n_evals is None or k < self.n_evals) and self.trial.should_prune():
             raise Pruned(f"pruned at eval {k} (step {step}) with BLEU-4 {bleu:.2f}")
 
     def on_step(self, step: int) -> None:
@@ -153,7 +159,8 @@ class Objective:
             "resumes" if resume else "starts",
             ", ".join(f"{k}={_short(v)}" for k, v in params.items()),
         )
-        callback = PruningCallback(trial, self.cfg.truncation.eval_every, self.stop)
+        callback = PruningCallback(trial, self.cfg.truncation.eval_every, self.stop,
+                                   n_evals=self.cfg.truncation.n_evals)
         wall0, cpu0 = time.perf_counter(), time.process_time()
         started_at = time.time()
         try:

@@ -223,3 +223,24 @@ def test_train_command_uses_torchrun_on_several_gpus(tmp_path: Path) -> None:
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[5:] == ["-m", "trainer.cli", "--config", str(config), "--resume"]
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+
+
+def test_pruning_callback_never_prunes_at_the_budgets_last_eval() -> None:
+    """A rung can fall on the last eval (8 evals, rungs at 2 and 8): the trial has spent its
+    budget by then, so it is reported but not pruned; earlier evals are."""
+    import threading
+
+    from search.objective import Pruned, PruningCallback
+
+    class AlwaysPrune(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+            return True
+
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    trial = study.ask()
+    callback = PruningCallback(trial, 10, threading.Event(), n_evals=8)
+    metrics = {"bleu": 12.0, "val_loss": 2.0, "tokens_per_s": 1.0}
+    with pytest.raises(Pruned, match="pruned at eval 7"):
+        callback.on_eval(70, metrics)
+    callback.on_eval(80, metrics)  # the last eval: reported, not pruned
+    assert study.trials[0].intermediate_values == {7: 12.0, 8: 12.0}
