@@ -90,11 +90,11 @@ class PrunerConfig:
     ``none`` never prunes.
 
     The defaults (first rung at a third of the budget, keep the best quarter) come from the
-    learning curves of P5's small task (BENCHMARKS.md): BLEU-4 after a sixth of a trial's
-    steps does not rank configurations (Spearman -0.1 to 0.05 against the final BLEU-4; high
-    learning rates lead early and finish worst), after a third it does (0.8-0.9). With six
-    evals this Hyperband has one bracket (rungs at evals 2 and 8): it prunes three trials in
-    four at eval 2, against history.
+    learning curves of P5's small task (BENCHMARKS.md): BLEU-4 at a sixth of a trial's steps
+    does not rank configurations (Spearman 0.05 against the final BLEU-4; high learning rates
+    lead early and finish worst), at a third it does (0.78; 0.83 at half). With six evals this
+    Hyperband has one bracket (rungs at evals 2 and 8): it prunes three trials in four at eval
+    2, against the trials before them.
     """
 
     type: Literal["hyperband", "median", "successive_halving", "none"] = "hyperband"
