@@ -18,6 +18,11 @@ seed, with ratios per seed and pooled (sums over the seeds). ``--pruners`` adds 
 of ``search.config`` (e.g. ``successive_halving``) for comparison; ``none`` is always the
 baseline. Study names are fixed (``pruning-<pruner>-s<seed>``): Hyperband assigns brackets by
 a hash of the study name, so a run is reproducible except for its timings.
+
+``oracle`` bounds what any pruner could do on the unpruned study's own trials: one that knows
+every final BLEU-4 and stops each trial before the first one to reach the target at eval k
+(paying k / evals of its compute, start-up and evaluations pro rata, which flatters it), that
+one run in full; ``ratio_at_eval[k]`` is its compute to target over the unpruned study's.
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float) -> dic
             "cpu_s_to_target": time_to_target(rows, target, "cpu_s"),
             "wall_s_to_target": time_to_target(rows, target, "wall_s"),
         }
+    if "none" in studies:
+        out["oracle"] = oracle(studies["none"], target, out["none"]["cpu_s_to_target"])
     for pruner in studies:
         if pruner == "none":
             continue
@@ -109,6 +116,23 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float) -> dic
         row["ratio_total_cpu_s"] = round(row["total_cpu_s"]
                                          / max(out["none"]["total_cpu_s"], 1e-9), 3)
     return out
+
+
+def oracle(rows: list[dict[str, Any]], target: float, spent: float | None) -> dict[str, Any]:
+    """CPU-seconds to ``target`` of an all-knowing pruner on these (unpruned) trials, stopping
+    every trial before the first one reaching it at eval k; over ``spent``, the trials' own."""
+    if spent is None:
+        return {"cpu_s_at_eval": None, "ratio_at_eval": None}
+    n = max(r["evals"] for r in rows)
+    cost = {k: 0.0 for k in range(1, n + 1)}
+    for r in rows:
+        done = r["state"] == "COMPLETE" and r["bleu"] is not None and r["bleu"] >= target
+        for k in cost:
+            cost[k] += (r["cpu_s"] or 0.0) * (1.0 if done else k / max(r["evals"], 1))
+        if done:
+            break
+    return {"cpu_s_at_eval": {k: round(v, 2) for k, v in cost.items()},
+            "ratio_at_eval": {k: round(v / max(spent, 1e-9), 3) for k, v in cost.items()}}
 
 
 def _ratio(pruned: dict[str, Any], none: dict[str, Any], unit: str
@@ -179,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dbs.drop()
     report["pooled"] = {p: pooled(per_seed, p) for p in pruners if p != "none"}
+    report["pooled"]["oracle"] = pooled_oracle(per_seed)
     hb = report["pooled"].get("hyperband", {})
     report["verdict"] = {"target_ratio": TARGET_RATIO, **hb,
                          "met": hb.get("ratio_cpu_s_to_target") is not None
@@ -209,6 +234,17 @@ def pooled(per_seed: list[dict[str, Any]], pruner: str) -> dict[str, Any]:
             else None, "ratio_bound": bound,
             "per_seed": [[s["summary"].get(pruner, {}).get("ratio_cpu_s_to_target"),
                           s["summary"].get(pruner, {}).get("ratio_bound")] for s in per_seed]}
+
+
+def pooled_oracle(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The oracle's compute to target over the unpruned studies', summed over the seeds."""
+    rows = [s["summary"].get("oracle") for s in per_seed]
+    spent = [s["summary"].get("none", {}).get("cpu_s_to_target") for s in per_seed]
+    if not rows or any(r is None or r["cpu_s_at_eval"] is None for r in rows) or None in spent:
+        return {"ratio_at_eval": None}
+    evals = set.intersection(*(set(r["cpu_s_at_eval"]) for r in rows))
+    return {"ratio_at_eval": {k: round(sum(r["cpu_s_at_eval"][k] for r in rows) / sum(spent), 3)
+                              for k in sorted(evals)}}
 
 
 if __name__ == "__main__":

@@ -177,6 +177,22 @@ def test_pruning(runs: dict[str, Any]) -> None:
     assert all(len(rows) == 3 for rows in seed["trials"].values())
     assert seed["summary"]["best_bleu"] is not None
     assert {"target_ratio", "ratio_cpu_s_to_target", "met"} <= set(r["verdict"])
+    assert "oracle" in seed["summary"] and "oracle" in r["pooled"]
+
+
+def test_pruning_oracle_bound() -> None:
+    """The all-knowing pruner stops every trial before the first one reaching the target at
+    eval k (k / evals of its compute) and runs that one in full."""
+    from bench.pruning import oracle, pooled_oracle
+
+    rows = [{"state": "COMPLETE", "bleu": b, "evals": 6, "cpu_s": c}
+            for b, c in [(10.0, 6.0), (20.0, 12.0), (50.0, 6.0), (60.0, 6.0)]]
+    o = oracle(rows, 49.5, spent=24.0)
+    assert o["cpu_s_at_eval"][2] == 12.0  # 6 * 2/6 + 12 * 2/6 + 6 in full
+    assert o["ratio_at_eval"][6] == 1.0 and o["ratio_at_eval"][3] == 0.625
+    assert oracle(rows, 70.0, spent=None)["ratio_at_eval"] is None
+    pooled = pooled_oracle([{"summary": {"oracle": o, "none": {"cpu_s_to_target": 24.0}}}] * 2)
+    assert pooled["ratio_at_eval"][2] == 0.5
 
 
 def test_scaling(runs: dict[str, Any]) -> None:
