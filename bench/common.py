@@ -439,3 +439,63 @@ def on_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def profile_ops(fn: Any, top: int = 15) -> dict[str, Any]:
+    """``fn()`` once under torch.profiler (after a synchronisation, waited for): wall seconds,
+    the device's busy seconds (every kernel's time summed; one stream, so no overlap), that
+    time by kind of kernel (``KERNEL_KINDS``) and the kernels that take the most (on a CPU:
+    the operators with the most self host time). busy/wall well below 1 means the device
+    waited for the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    gpu = on_gpu()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    synchronize()
+    with torch_profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        fn()
+        synchronize()
+        wall = time.perf_counter() - t0
+    events = prof.key_averages()
+    if gpu:  # kernels only: an operator's self device time repeats its kernels'
+        key = "self_device_time_total"
+        rows = [e for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        key = "self_cpu_time_total"
+        rows = list(events)
+    rows.sort(key=lambda e: getattr(e, key, 0.0), reverse=True)
+    busy = sum(getattr(e, key, 0.0) for e in rows) / 1e6
+    out: dict[str, Any] = {"wall_s": round(wall, 4), "sorted_by": key}
+    if gpu:
+        kinds: dict[str, float] = {}
+        for e in rows:
+            kind = next((k for k, pat in KERNEL_KINDS if re.search(pat, e.key, re.I)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + getattr(e, key, 0.0) / 1e6
+        out.update(device_busy_s=round(busy, 4), device_busy_fraction=round(busy / wall, 3),
+                   by_kind={k: {"s": round(v, 4), "share": round(v / max(busy, 1e-9), 3)}
+                            for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+        host = sorted((e for e in events if e.device_type == DeviceType.CPU),
+                      key=lambda e: e.self_cpu_time_total, reverse=True)
+        out["host_top"] = [{"op": e.key[:90], "count": e.count,
+                            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
+                           for e in host[:top]]
+    out["top"] = [{"op": e.key[:90], "count": e.count,
+                   "ms": round(getattr(e, key, 0.0) / 1e3, 2),
+                   "share": round(getattr(e, key, 0.0) / 1e6 / max(busy, 1e-9), 3)}
+                  for e in rows[:top]]
+    return out
+
+
+# kinds of CUDA kernels for profile_ops (first match wins)
+KERNEL_KINDS = [
+    ("attention", r"fmha|flash|attention"),
+    ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|cublas"),
+    ("optimizer_ema", r"multi_tensor|fused_adam|foreach|lerp"),
+    ("triton_fused", r"^triton_"),
+    ("copy_cast", r"copy|cat|index"),
+    ("reduction", r"reduce|norm|softmax|sum"),
+    ("elementwise", r"elementwise|vectorized|unrolled"),
+]

@@ -112,21 +112,8 @@ def compare(run: Any, repeats: int, warm_pairs: int, deadline: common.Deadline
 
 
 def profile(run: Any, top: int = 15) -> dict[str, Any]:
-    """One cached evaluation under torch.profiler: wall seconds and the operators that take
-    the most device time (host time on a CPU), to see where an evaluation goes."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    activities = [ProfilerActivity.CPU]
-    if common.on_gpu():
-        activities.append(ProfilerActivity.CUDA)
-    with torch_profile(activities=activities) as prof:
-        _, seconds = timed(run.evaluate)
-    key = "device_time_total" if common.on_gpu() else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
-    return {"eval_s_profiled": round(seconds, 3), "sorted_by": key, "top": [
-        {"op": e.key[:80], "count": e.count, "ms": round(getattr(e, key, 0.0) / 1e3, 2),
-         "cpu_ms": round(e.cpu_time_total / 1e3, 2)} for e in rows[:top]]}
+    """One cached evaluation under torch.profiler (``common.profile_ops``): where it goes."""
+    return common.profile_ops(run.evaluate, top)
 
 
 def step_seconds(run: Any, n_steps: int) -> float:

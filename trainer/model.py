@@ -35,8 +35,8 @@ def rotary_angles(positions: torch.Tensor, head_size: int, base: float) -> torch
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of ``x`` (B, nh, T, hs) by angles (B, 1, T, hs/2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, nh, T, hs/2) each
+    """Rotate pairs (x[2i], x[2i+1]) of ``x`` (B, T, nh, hs) by angles (B, T, 1, hs/2)."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hs/2) each
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -119,9 +119,9 @@ class SelfAttention(nn.Module):
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if rope is not None:
+        if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, Tk, hs)
         y = F.scaled_dot_product_attention(
@@ -141,9 +141,11 @@ class MLP(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
-def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Stochastic depth: zero the whole residual branch of a row with probability ``p``."""
-    if p == 0.0 or not training:
+def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero the whole residual branch of a row with probability ``p`` (a
+    0-dim tensor, not a float: a compiled block would be specialised, and recompiled, for
+    every layer's rate)."""
+    if not training:
         return x
     keep = x.new_empty(x.size(0), 1, 1).bernoulli_(1 - p)
     return x * keep / (1 - p)
@@ -155,7 +157,8 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, drop_path_p: float) -> None:
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
-        self.drop_path_p = drop_path_p
+        self.drop_path_p: torch.Tensor
+        self.register_buffer("drop_path_p", torch.tensor(drop_path_p), persistent=False)
         self.attn = SelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
         self.norm1 = nn.LayerNorm(cfg.d_model)
@@ -237,20 +240,25 @@ class DecoderLM(nn.Module):
         rope = None
         if self.cfg.positional == "rope":
             angles = rotary_angles(positions, self.cfg.d_model // self.cfg.n_heads,
-                                   self.cfg.rope_base)[:, None]  # (B, 1, T, hs/2)
+                                   self.cfg.rope_base)[:, :, None]  # (B, T, 1, hs/2)
             rope = (angles.cos(), angles.sin())
         else:
             x = x * math.sqrt(self.cfg.d_model) + sinusoid(positions, self.cfg.d_model)
         x = self.dropout(x)
         for block in self.blocks:
-            if self.cfg.grad_checkpointing and self.training and cache is None:
+            if not self.training or cache is not None:
+                # block.forward, not block(...): a block compiled for training
+                # (``train.compile``) runs evaluation and decoding eagerly, never recompiled
+                # for a cache or captured in a decoding graph
+                x = block.forward(x, rope, mask, cache)
+            elif self.cfg.grad_checkpointing:
                 x = checkpoint(block, x, rope, mask, use_reentrant=False)
             else:
-                x = block(x, rope, mask, cache)
+                x = block(x, rope, mask)
         if cache is not None:
             cache.length += tokens.size(1)
         x = self.norm_f(x)
         if select is not None:
-            x = x.flatten(0, 1)[select]  # (N, C)
+            x = x.flatten(0, 1).index_select(0, select)  # (N, C); backward: index_add_
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # (B, T, V)

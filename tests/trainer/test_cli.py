@@ -79,6 +79,7 @@ def test_bad_config_subprocess_one_line_no_traceback(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("yaml_text", "needle"), [
     ("model:\n  n_layer: 3\n", "unknown key 'model.n_layer'"),
     ("train:\n  precision: fp8\n", "train.precision must be one of"),
+    ("train:\n  compile_wrapper: cuda\n", "train.compile_wrapper must be one of"),
     ("model:\n  d_model: 100\n  n_heads: 12\n", "model.n_heads"),
     ("optim:\n  warmup: -0.5\n", "optim.warmup"),
     ("optim: [1, 2\n", "line 2"),

@@ -64,7 +64,7 @@ def test_causal_mask_matches_prefix_mask_with_empty_prefix() -> None:
 
 def test_drop_path_grows_linearly_to_the_top_block() -> None:
     model = DecoderLM(ModelConfig(**{**SMALL, "n_layers": 5, "drop_path": 0.2}), 50, 0)
-    rates = [b.drop_path_p for b in model.blocks]  # type: ignore[union-attr]
+    rates = [float(b.drop_path_p) for b in model.blocks]  # type: ignore[union-attr]
     assert rates == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
 
 
