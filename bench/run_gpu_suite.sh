@@ -53,7 +53,7 @@ bench() {
 
 ABLATION_VARIANTS=${ABLATION_VARIANTS:-rope,sinusoid,no_label_smoothing,six_layers}
 COMPILE_THREADS=${COMPILE_THREADS:-8}
-THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---sizes 16384}   # e.g. "--sizes 16384 --compile-sizes=" (eager only)
+THROUGHPUT_ARGS=${THROUGHPUT_ARGS:---sizes 16384 --profile}   # e.g. "--sizes 16384 --compile-sizes=" (eager only)
 lane0() {
   # shellcheck disable=SC2086
   TORCHINDUCTOR_COMPILE_THREADS=$COMPILE_THREADS TORCH_LOGS=recompiles \
