@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
 ARGS: dict[str, list[str]] = {
-    "throughput": ["--budget-s", "120"],
+    "throughput": ["--budget-s", "120", "--profile"],
     "real_run": [],
     "ablation": [],
     "real_run_describe": ["--describe"],
@@ -104,6 +104,8 @@ def test_throughput(runs: dict[str, Any]) -> None:
         row = r["results"][name]
         assert row["tokens_per_s"] > 0 and row["timed_steps"] >= 1 and row["micro_split"] == 1
         assert "mfu" not in row  # no peak to compare with on a CPU
+        top = row["profile"]["top"]  # two profiled steps: the operators with the most time
+        assert top and all(op["ms"] >= 0 and op["count"] > 0 for op in top)
     assert {"512", "1k"} <= set(r["comparison"])
     assert r["model_params"]["non_embedding"] > 0
     if r["env"]["packages"]["transformers"]:
