@@ -237,14 +237,18 @@ def pooled(per_seed: list[dict[str, Any]], pruner: str) -> dict[str, Any]:
 
 
 def pooled_oracle(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
-    """The oracle's compute to target over the unpruned studies', summed over the seeds."""
-    rows = [s["summary"].get("oracle") for s in per_seed]
-    spent = [s["summary"].get("none", {}).get("cpu_s_to_target") for s in per_seed]
-    if not rows or any(r is None or r["cpu_s_at_eval"] is None for r in rows) or None in spent:
-        return {"ratio_at_eval": None}
-    evals = set.intersection(*(set(r["cpu_s_at_eval"]) for r in rows))
-    return {"ratio_at_eval": {k: round(sum(r["cpu_s_at_eval"][k] for r in rows) / sum(spent), 3)
-                              for k in sorted(evals)}}
+    """The oracle's compute to target over the unpruned studies', summed over the seeds where
+    the unpruned study reached the target (``seeds``)."""
+    both = [(s["summary"]["oracle"], s["summary"]["none"]["cpu_s_to_target"]) for s in per_seed
+            if (s["summary"].get("oracle") or {}).get("cpu_s_at_eval") is not None]
+    if not both:
+        return {"ratio_at_eval": None, "seeds": []}
+    evals = set.intersection(*(set(o["cpu_s_at_eval"]) for o, _ in both))
+    spent = sum(t for _, t in both)
+    return {"ratio_at_eval": {k: round(sum(o["cpu_s_at_eval"][k] for o, _ in both) / spent, 3)
+                              for k in sorted(evals)},
+            "seeds": [s["seed"] for s in per_seed
+                      if (s["summary"].get("oracle") or {}).get("cpu_s_at_eval") is not None]}
 
 
 if __name__ == "__main__":

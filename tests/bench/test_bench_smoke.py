@@ -193,8 +193,11 @@ def test_pruning_oracle_bound() -> None:
     assert o["cpu_s_at_eval"][2] == 12.0  # 6 * 2/6 + 12 * 2/6 + 6 in full
     assert o["ratio_at_eval"][6] == 1.0 and o["ratio_at_eval"][3] == 0.625
     assert oracle(rows, 70.0, spent=None)["ratio_at_eval"] is None
-    pooled = pooled_oracle([{"summary": {"oracle": o, "none": {"cpu_s_to_target": 24.0}}}] * 2)
-    assert pooled["ratio_at_eval"][2] == 0.5
+    seed = {"seed": 1, "summary": {"oracle": o, "none": {"cpu_s_to_target": 24.0}}}
+    missed = {"seed": 2, "summary": {"oracle": oracle(rows, 70.0, None),
+                                     "none": {"cpu_s_to_target": None}}}
+    pooled = pooled_oracle([seed, seed, missed])
+    assert pooled["ratio_at_eval"][2] == 0.5 and pooled["seeds"] == [1, 1]
 
 
 def test_scaling(runs: dict[str, Any]) -> None:
