@@ -341,6 +341,10 @@ def build_dataclass(cls: type[T], raw: Any, path: str) -> T:
         if key not in known:
             full = f"{path}.{key}" if path else str(key)
             raise ConfigError(f"unknown key '{full}' (known: {', '.join(sorted(known))})")
+    for f in fields(cls):  # type: ignore[arg-type]
+        if (f.name not in raw and f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING):
+            raise ConfigError(f"{f'{path}.' if path else ''}{f.name} is required")
     kwargs = {k: coerce_value(v, hints[k], f"{path}.{k}" if path else k) for k, v in raw.items()}
     try:
         return cls(**kwargs)

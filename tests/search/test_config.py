@@ -50,6 +50,7 @@ BAD = [
     ({"truncation|eval_every": 80}, "truncation.eval_every=80 is larger than"),
     ({"truncation|warmup": 1.5}, "truncation.warmup must be a fraction"),
     ({"truncation|speed": 1}, "unknown key 'truncation.speed'"),
+    ({"truncation|eval_subset": _DELETE}, "truncation.eval_subset is required"),
     ({"truncation|overrides": {"train.max_steps": 5}}, "truncation.overrides.train.max_steps"),
     ({"sampler|type": "grid"}, "sampler.type must be one of"),
     ({"pruner|type": "patient"}, "pruner.type must be one of"),
