@@ -157,8 +157,11 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, drop_path_p: float) -> None:
         super().__init__()
         self.pre_norm = cfg.norm == "pre"
+        # the rate is a tensor (a float would specialise a compiled block to each layer's
+        # rate); whether the model uses stochastic depth at all is one flag for every block
         self.drop_path_p: torch.Tensor
         self.register_buffer("drop_path_p", torch.tensor(drop_path_p), persistent=False)
+        self.stochastic_depth = cfg.drop_path > 0
         self.attn = SelfAttention(cfg, layer)
         self.mlp = MLP(cfg)
         self.norm1 = nn.LayerNorm(cfg.d_model)
@@ -166,7 +169,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        x = x + drop_path(self.dropout(branch), self.drop_path_p, self.training)
+        branch = self.dropout(branch)
+        if self.stochastic_depth:
+            branch = drop_path(branch, self.drop_path_p, self.training)
+        x = x + branch
         return x if self.pre_norm else norm(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
