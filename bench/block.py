@@ -29,33 +29,14 @@ from bench import common
 log = logging.getLogger("bench.block")
 
 
-def rotary_autograd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The rotation before 2026-11-29: the same forward, autograd's backward of unbind/stack."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
-
-
-def rotary_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The same rotation as ``trainer.model.apply_rotary`` without unbind/stack:
-    ``x * cos' + swap(x) * sin'`` with the pairs swapped by a flip and the angles widened."""
+def rotary_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = ""
+                ) -> torch.Tensor:
+    """The interleaved rotation without unbind/stack: ``x * cos' + swap(x) * sin'`` with the
+    pairs swapped by a flip and the angles widened (``pairs`` ignored)."""
     cos2 = cos.repeat_interleave(2, -1)
     sin2 = torch.stack((-sin, sin), dim=-1).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
     return (x.float() * cos2 + swapped.float() * sin2).type_as(x)
-
-
-def rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """GPT-NeoX's pairing (i, i + hs/2): another model (a permutation of the head dims)."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
-
-
-def rotary_bf16(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The current pairing computed in the activations' dtype (no float32 round trip)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
 
 
 def residual_bf16(self: Any, x: torch.Tensor, branch: torch.Tensor, norm: Any) -> torch.Tensor:
@@ -65,7 +46,8 @@ def residual_bf16(self: Any, x: torch.Tensor, branch: torch.Tensor, norm: Any) -
     return out.to(torch.bfloat16)
 
 
-def no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = ""
+              ) -> torch.Tensor:
     return x
 
 
@@ -73,10 +55,8 @@ def no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[str, Any]]] = {
     "current": ({}, {}, {}),
     "cudnn": ({}, {}, {"cudnn": True}),
-    "rope_autograd": ({"apply_rotary": rotary_autograd}, {}, {}),
+    "rope_interleaved": ({}, {"rope_pairs": "interleaved"}, {}),
     "rope_swap": ({"apply_rotary": rotary_swap}, {}, {}),
-    "rope_bf16": ({"apply_rotary": rotary_bf16}, {}, {}),
-    "rope_half": ({"apply_rotary": rotary_half}, {}, {}),
     "coordinate_descent": ({}, {}, {"coordinate_descent_tuning": True}),
     "cpp_wrapper": ({}, {}, {"cpp_wrapper": True}),
     "bf16_stream": ({"Block.residual": residual_bf16}, {}, {}),
@@ -201,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     gpu = common.on_gpu()
     device = torch.device("cuda" if gpu else "cpu")
     cfg = ModelConfig(n_layers=12, d_model=768, n_heads=12, d_ff=3072, dropout=0.1,
-                      drop_path=0.1, norm="post", positional="rope", attention_mask="prefix")
+                      drop_path=0.1, norm="post", positional="rope", attention_mask="prefix",
+                      rope_pairs="half")
     if args.tiny:
         cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.1,
                           drop_path=0.1, norm="post", positional="rope",

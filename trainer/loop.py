@@ -717,9 +717,18 @@ class Run:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        saved_model = state["config"]["model"]
-        if saved_model != config_to_dict(self.cfg.model):
-            raise ConfigError(f"model section differs from the checkpoint {path} being resumed")
+        # checkpoints from before model.rope_pairs existed rotate interleaved pairs
+        saved_model = {"rope_pairs": "interleaved", **state["config"]["model"]}
+        ours = config_to_dict(self.cfg.model)
+        differ = [k for k in sorted(set(saved_model) | set(ours))
+                  if saved_model.get(k) != ours.get(k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"model.{k} is {ours.get(k)!r} but the checkpoint {path} being resumed has "
+                f"{saved_model.get(k)!r}" + (f" (and {len(differ) - 1} more model keys)"
+                                             if len(differ) > 1 else "")
+                + f"; resume with --set model.{k}={saved_model.get(k)} or start a new run")
         self.model.load_state_dict(state["model"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])

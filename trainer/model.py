@@ -34,36 +34,16 @@ def rotary_angles(positions: torch.Tensor, head_size: int, base: float) -> torch
     return positions.float()[..., None] * inv_freq  # (B, T, hs/2)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, nh, hs/2) each
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = "half"
+                 ) -> torch.Tensor:
+    """Rotate pairs of head dims of ``x`` (B, T, nh, hs) by angles (B, T, 1, hs/2): dims
+    (i, i + hs/2) with ``pairs="half"``, (2i, 2i + 1) with ``"interleaved"``."""
+    if pairs == "half":
+        x1, x2 = x.float().chunk(2, dim=-1)  # (B, T, nh, hs/2) each
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
-
-
-class _Rotary(torch.autograd.Function):
-    """The rotation with its own backward: the inverse rotation (by -angle) of the gradient,
-    one pass like the forward. Autograd's backward of unbind/stack compiled to a kernel 3.5x
-    slower than the forward's (an H200, 2026-11-29, ``bench.block``)."""
-
-    @staticmethod
-    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return _rotate(x, cos, sin)
-
-    @staticmethod
-    def setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple[torch.Tensor, ...],
-                      output: torch.Tensor) -> None:
-        ctx.save_for_backward(inputs[1], inputs[2])
-
-    @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, *grads: torch.Tensor
-                 ) -> tuple[torch.Tensor, None, None]:
-        cos, sin = ctx.saved_tensors  # type: ignore[attr-defined]
-        return _rotate(grads[0], cos, -sin), None, None
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of ``x`` (B, T, nh, hs) by angles (B, T, 1, hs/2)."""
-    return _Rotary.apply(x, cos, sin)  # type: ignore[no-any-return]
 
 
 def sinusoid(positions: torch.Tensor, d_model: int) -> torch.Tensor:
@@ -136,6 +116,7 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads = cfg.n_heads
+        self.rope_pairs = cfg.rope_pairs
         self.dropout = cfg.dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
@@ -145,7 +126,7 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
         if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q, k = apply_rotary(q, *rope, self.rope_pairs), apply_rotary(k, *rope, self.rope_pairs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, Tk, hs)

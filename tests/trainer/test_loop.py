@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from storage.checkpoints import latest_checkpoint, load_checkpoint, verify
+from storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, verify
 from tests.trainer.synthetic import tiny_config, write_task
 from trainer import FitResult, fit
 from trainer.config import TrainConfig
@@ -116,6 +116,24 @@ def test_on_step_raise_saves_then_resume_matches(task: Path, tmp_path: Path) -> 
         fit(cfg, [StopStep()])
     assert load_checkpoint(latest_checkpoint(tmp_path / "cut"))["progress"]["step"] == 6
     assert curve(fit(cfg, resume=True)) == curve(full)
+
+
+def test_resume_names_a_model_key_that_differs_and_reads_old_checkpoints(
+        task: Path, tmp_path: Path) -> None:
+    """A checkpoint saved before ``model.rope_pairs`` existed rotated interleaved pairs: it
+    resumes with ``--set model.rope_pairs=interleaved``, and the default config says so."""
+    cfg = tiny_config(task, tmp_path / "run", **{"model.rope_pairs": "interleaved"})
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [StopAt(4)])
+    path = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    del state["config"]["model"]["rope_pairs"]  # as an older version saved it
+    save_checkpoint(tmp_path / "run", state["progress"]["step"], state)
+    default = tiny_config(task, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"model.rope_pairs is 'half' but the checkpoint .* "
+                       r"has 'interleaved'; resume with --set model.rope_pairs=interleaved"):
+        fit(default, resume=True)
+    assert fit(cfg, resume=True).steps == cfg.train.max_steps
 
 
 def test_a_callback_can_stop_without_a_checkpoint(task: Path, tmp_path: Path) -> None:

@@ -135,3 +135,30 @@ def test_select_gives_the_logits_of_those_positions() -> None:
     select = torch.tensor([2, 3, 8, 13, 17])  # flat indices into B*T
     full = model(tokens, lens).flatten(0, 1)
     torch.testing.assert_close(model(tokens, lens, select), full[select])
+
+
+def test_rope_pairs_half_and_interleaved_are_one_model_up_to_a_permutation() -> None:
+    """Rotating dims (i, i + hs/2) is rotating (2i, 2i + 1) after reordering the q/k features:
+    the same logits once the weights are permuted (``model.rope_pairs`` picks a layout, not
+    a model)."""
+    inter = small(rope_pairs="interleaved")
+    half = small(rope_pairs="half")
+    hs, C = SMALL["d_model"] // SMALL["n_heads"], SMALL["d_model"]
+    perm = torch.cat((torch.arange(0, hs, 2), torch.arange(1, hs, 2)))  # half dim j <- this
+    rows = torch.cat([h * hs + perm for h in range(SMALL["n_heads"])])
+    rows = torch.cat((rows, C + rows, torch.arange(2 * C, 3 * C)))  # q, k permuted; v as is
+    state = inter.state_dict()
+    for b in range(SMALL["n_layers"]):  # peaky attention, so positions matter
+        state[f"blocks.{b}.attn.qkv.weight"] *= 30
+    inter.load_state_dict(state)
+    half.load_state_dict(state)  # not permuted: another model
+    tokens = torch.randint(3, 50, (2, 9))
+    prefix = torch.tensor([3, 5])
+    with torch.no_grad():
+        assert (half(tokens, prefix) - inter(tokens, prefix)).abs().max() > 1e-2
+        for b in range(SMALL["n_layers"]):
+            for name in ("weight", "bias"):
+                key = f"blocks.{b}.attn.qkv.{name}"
+                state[key] = state[key][rows]
+        half.load_state_dict(state)
+        torch.testing.assert_close(half(tokens, prefix), inter(tokens, prefix))
