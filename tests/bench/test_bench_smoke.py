@@ -24,6 +24,7 @@ ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/
 NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120", "--profile"],
+    "block": ["--variants", "current"],
     "real_run": [],
     "ablation": [],
     "real_run_describe": ["--describe"],
@@ -114,6 +115,14 @@ def test_throughput(runs: dict[str, Any]) -> None:
         assert "vs_hf_eager_met" in r["verdict"]
     else:
         assert "transformers" in r["reference_skipped"]
+
+
+def test_block(runs: dict[str, Any]) -> None:
+    r = result(runs, "block")
+    current = r["results"]["current"]
+    assert current["speedup_vs_current"] == 1.0 and current["tokens_per_s"] > 0
+    assert set(current["lengths"]) == {"32", "24"}
+    assert current["profile_at_first_length"]["top"]
 
 
 def test_real_run(runs: dict[str, Any]) -> None:
