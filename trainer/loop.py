@@ -717,9 +717,11 @@ class Run:
 
     def _load(self, path: Path) -> None:
         state = load_checkpoint(path)
-        # checkpoints from before model.rope_pairs existed rotate interleaved pairs
-        saved_model = {"rope_pairs": "interleaved", **state["config"]["model"]}
         ours = config_to_dict(self.cfg.model)
+        saved_model = state["config"]["model"]
+        if "rope_pairs" not in saved_model:  # saved before the key: RoPE was interleaved
+            saved_model = {**saved_model, "rope_pairs": "interleaved"
+                           if saved_model.get("positional") == "rope" else ours["rope_pairs"]}
         differ = [k for k in sorted(set(saved_model) | set(ours))
                   if saved_model.get(k) != ours.get(k)]
         if differ:
