@@ -239,16 +239,16 @@ def pooled(per_seed: list[dict[str, Any]], pruner: str) -> dict[str, Any]:
 def pooled_oracle(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """The oracle's compute to target over the unpruned studies', summed over the seeds where
     the unpruned study reached the target (``seeds``)."""
-    both = [(s["summary"]["oracle"], s["summary"]["none"]["cpu_s_to_target"]) for s in per_seed
+    kept = [s for s in per_seed
             if (s["summary"].get("oracle") or {}).get("cpu_s_at_eval") is not None]
-    if not both:
+    if not kept:
         return {"ratio_at_eval": None, "seeds": []}
-    evals = set.intersection(*(set(o["cpu_s_at_eval"]) for o, _ in both))
-    spent = sum(t for _, t in both)
-    return {"ratio_at_eval": {k: round(sum(o["cpu_s_at_eval"][k] for o, _ in both) / spent, 3)
+    costs = [s["summary"]["oracle"]["cpu_s_at_eval"] for s in kept]
+    spent = sum(s["summary"]["none"]["cpu_s_to_target"] for s in kept)
+    evals = set.intersection(*(set(c) for c in costs))
+    return {"ratio_at_eval": {k: round(sum(c[k] for c in costs) / spent, 3)
                               for k in sorted(evals)},
-            "seeds": [s["seed"] for s in per_seed
-                      if (s["summary"].get("oracle") or {}).get("cpu_s_at_eval") is not None]}
+            "seeds": [s["seed"] for s in kept]}
 
 
 if __name__ == "__main__":
