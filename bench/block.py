@@ -54,7 +54,8 @@ def no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str 
 # name -> (patches of trainer.model, model config overrides, inductor options)
 VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[str, Any]]] = {
     "current": ({}, {}, {}),
-    "cudnn": ({}, {}, {"cudnn": True}),
+    "sdpa": ({}, {}, {"sdpa": True}),  # SDPA with a (B, 1, T, T) mask, not the fused kernel
+    "cudnn": ({}, {}, {"cudnn": True, "sdpa": True}),
     "rope_interleaved": ({}, {"rope_pairs": "interleaved"}, {}),
     "rope_swap": ({"apply_rotary": rotary_swap}, {}, {}),
     "coordinate_descent": ({}, {}, {"coordinate_descent_tuning": True}),
@@ -94,6 +95,7 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
     median of ``iters`` more. Tokens/s over all lengths, from the medians."""
     import dataclasses
 
+    from trainer import attention
     from trainer.model import Block, attention_mask, rotary_angles
 
     patches: dict[str, Callable[..., Any]] = {}
@@ -103,6 +105,7 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
         p, o, i = VARIANTS[part]
         patches, overrides, options = {**patches, **p}, {**overrides, **o}, {**options, **i}
     cudnn = bool(options.pop("cudnn", False))
+    sdpa = bool(options.pop("sdpa", False))
     mcfg = dataclasses.replace(cfg, **overrides)
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -117,6 +120,9 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
         grad = torch.randn(batch, length, mcfg.d_model, generator=gen).to(device)
         prefix = torch.randint(length // 4, length * 3 // 4, (batch,), generator=gen).to(device)
         mask = attention_mask(torch.zeros_like(prefix), prefix, length, length)
+        hs = mcfg.d_model // mcfg.n_heads
+        if not sdpa and length <= attention.MAX_T and attention.available(device, hs):
+            mask = prefix  # as DecoderLM.forward does: the prefix ends go to the fused kernel
         positions = torch.arange(length, device=device).expand(batch, length)
         angles = rotary_angles(positions, mcfg.d_model // mcfg.n_heads,
                                mcfg.rope_base)[:, :, None]

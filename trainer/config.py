@@ -160,6 +160,9 @@ class TrainingConfig:
     # (the report's shape at 16k-token micro-batches: 466k instead of 391k tokens/s on an
     # H200, for ~70 s more compilation once per process); "python" compiles faster
     compile_wrapper: Literal["cpp", "python"] = "cpp"
+    # "fused": on a GPU with Triton, batches of rows of <= 128 tokens run attention (with
+    # RoPE, mask and dropout) in trainer.attention's kernel; "sdpa": always PyTorch's SDPA
+    attention: Literal["fused", "sdpa"] = "fused"
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

@@ -50,7 +50,7 @@ from storage.checkpoints import (
     verify,
 )
 from storage.errors import CheckpointError
-from trainer import metrics
+from trainer import attention, metrics
 from trainer.config import TrainConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from trainer.decode import generate
@@ -319,6 +319,8 @@ class Run:
         with self.device:  # initialised where it trains: on a GPU, a 16-layer model is
             # ready in ~0.1 s instead of ~2 s of CPU init and copy between two trials (P6)
             self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id)
+        self.model.fused_attention = cfg.train.attention == "fused" and attention.available(
+            self.device, cfg.model.d_model // cfg.model.n_heads)
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from trainer import attention
 from trainer.config import ModelConfig
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
@@ -124,6 +125,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
+        dropout = self.dropout if self.training else 0.0
+        if mask is not None and mask.dim() == 1:  # prefix ends (B,): the fused kernel
+            return self.proj(attention.fused_attention(self.qkv(x), rope, mask, self.n_heads,
+                                                       dropout))
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
         if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
             q, k = apply_rotary(q, *rope, self.rope_pairs), apply_rotary(k, *rope, self.rope_pairs)
@@ -131,8 +136,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, Tk, hs)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
         )  # (B, nh, T, hs)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -199,6 +203,9 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
         super().__init__()
         self.cfg = cfg
+        # forward() on rows of <= attention.MAX_T tokens uses trainer.attention's kernel (set
+        # by the trainer where it can run: a GPU with Triton)
+        self.fused_attention = False
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
@@ -238,7 +245,12 @@ class DecoderLM(nn.Module):
         skips the LM head where there is no target."""
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
-        if self.cfg.attention_mask == "causal":
+        mask: torch.Tensor | None
+        if self.fused_attention and T <= attention.MAX_T:
+            # the kernel takes the prefix ends, not a (B, 1, T, T) mask; 0: causal
+            causal = self.cfg.attention_mask == "causal"
+            mask = torch.zeros_like(prefix_lens) if causal else prefix_lens
+        elif self.cfg.attention_mask == "causal":
             mask = None  # right padding only follows real tokens: SDPA's is_causal fast path
         else:
             mask = attention_mask(torch.zeros_like(prefix_lens), prefix_lens, T, T)
@@ -247,7 +259,8 @@ class DecoderLM(nn.Module):
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
             cache: KVCache | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """The network on ``tokens`` (B, T) at ``positions`` (B, T) with a prepared ``mask``
-        (None: causal); with ``cache``, the tokens follow the cached ones. Logits (B, T, V)."""
+        (None: causal; a (B,) tensor: the prefix ends, for the fused kernel); with ``cache``,
+        the tokens follow the cached ones. Logits (B, T, V)."""
         x = self.wte(tokens)  # (B, T, C)
         rope = None
         if self.cfg.positional == "rope":

@@ -1,0 +1,116 @@
+"""The fused attention kernel (``trainer.attention``) against SDPA on the same inputs: on CPU
+tensors in Triton's interpreter (see tests/conftest.py), on a GPU where there is one."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from tests.trainer.synthetic import tiny_config, write_task  # noqa: E402
+from trainer import attention, fit  # noqa: E402
+from trainer.config import ModelConfig  # noqa: E402
+from trainer.model import DecoderLM, SelfAttention, attention_mask, rotary_angles  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _inputs(B: int, T: int, cfg: ModelConfig, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, cfg.d_model, generator=gen).to(DEVICE)
+    prefix = torch.randint(0, T, (B,), generator=gen).to(DEVICE)
+    prefix[0] = 0  # a causal row
+    angles = rotary_angles(torch.arange(T, device=DEVICE).expand(B, T),
+                           cfg.d_model // cfg.n_heads, cfg.rope_base)[:, :, None]
+    return x, prefix, (angles.cos(), angles.sin())
+
+
+@pytest.mark.parametrize("tiles", [{}, {"fwd_m": 16, "fwd_split": 2, "bwd_m": 16}])
+@pytest.mark.parametrize("rope", [True, False])
+@pytest.mark.parametrize("T", [7, 33])
+def test_matches_sdpa_with_the_prefix_mask(rope: bool, T: int, tiles: dict,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "TILES", {64: tiles})  # T=33: queries in 1 to 3 tiles
+    cfg = ModelConfig(d_model=64, n_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    attn = SelfAttention(cfg, layer=0).to(DEVICE)
+    x, prefix, angles = _inputs(3, T, cfg)
+    mask = attention_mask(torch.zeros_like(prefix), prefix, T, T)
+    outs, grads = [], []
+    for m in (mask, prefix):  # a (B, 1, T, T) mask: SDPA; the prefix ends (B,): the kernel
+        xi = x.clone().requires_grad_()
+        y = attn(xi, angles if rope else None, m, None)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([xi.grad.flatten()]  # type: ignore[union-attr]
+                               + [p.grad.flatten() for p in attn.parameters()]))
+        attn.zero_grad()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_keeps_the_expected_share_and_its_gradient_is_exact() -> None:
+    B, T, nh, hs = 4, 40, 2, 32
+    qkv = torch.zeros(B, T, 3 * nh * hs, device=DEVICE)
+    qkv[..., 2 * nh * hs:] = 1.0  # q = k = 0: uniform attention; v = 1: out = kept share
+    prefix = torch.full((B,), T, device=DEVICE)  # every key visible
+    seed = torch.tensor([7], device=DEVICE)
+    out = attention.fused_attention(qkv, None, prefix, nh, 0.25, seed)
+    kept = (out * 0.75).mean().item()  # mean of kept/T over 4*2*40 rows of 40 keys
+    assert abs(kept - 0.75) < 0.02
+    assert torch.equal(out, attention.fused_attention(qkv, None, prefix, nh, 0.25, seed))
+    assert not torch.equal(out, attention.fused_attention(
+        qkv, None, prefix, nh, 0.25, torch.tensor([8], device=DEVICE)))
+
+    # with the seed fixed the output is a smooth function of qkv: finite differences
+    cfg = ModelConfig(d_model=nh * hs, n_heads=nh)
+    _, prefix, rope = _inputs(B, T, cfg)
+    gen = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, T, 3 * nh * hs, generator=gen, dtype=torch.float64).float().to(DEVICE)
+    direction = torch.randn(qkv.shape, generator=gen).to(DEVICE)
+    weight = torch.randn(B, T, nh * hs, generator=gen).to(DEVICE)
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return (attention.fused_attention(x, rope, prefix, nh, 0.3, seed) * weight).sum()
+
+    (grad,) = torch.autograd.grad(f(qkv.requires_grad_()), qkv)
+    with torch.no_grad():
+        eps = 1e-2
+        numeric = (f(qkv + eps * direction) - f(qkv - eps * direction)) / (2 * eps)
+    assert math.isclose(numeric.item(), (grad * direction).sum().item(), rel_tol=2e-3)
+
+
+def test_model_uses_sdpa_past_max_t_and_compiles_with_the_kernel() -> None:
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.0,
+                      drop_path=0.0, max_len=256)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE)
+    for T in (attention.MAX_T + 2, 12):
+        tokens = torch.randint(1, 50, (2, T), device=DEVICE)
+        prefix = torch.tensor([3, T // 2], device=DEVICE)
+        reference = model(tokens, prefix)
+        model.fused_attention = True
+        torch.testing.assert_close(model(tokens, prefix), reference, rtol=1e-4, atol=1e-4)
+        model.fused_attention = False
+    # the kernel in a compiled block (the trainer's regional compile, dynamic shapes)
+    model.fused_attention = True
+    model.train()
+    eager = model(tokens, prefix)
+    for block in model.blocks:
+        block.compile(dynamic=True)
+    torch.testing.assert_close(model(tokens, prefix), eager, rtol=1e-4, atol=1e-4)
+    tokens = torch.randint(1, 50, (3, 17), device=DEVICE)  # another shape, no recompile
+    model(tokens, torch.tensor([2, 5, 9], device=DEVICE)).sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_on_cuda_with_the_kernel(tmp_path: Path) -> None:
+    task = write_task(tmp_path / "task.tsv")
+    cfg = tiny_config(task, tmp_path / "run", **{"model.d_model": 64, "model.n_heads": 2,
+                                                  "train.compile": True})
+    result = fit(cfg)
+    assert math.isfinite(result.val_loss) and result.steps == 12
