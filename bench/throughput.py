@@ -60,16 +60,18 @@ class Variant:
     compiled: bool
     micro_tokens: int
     mask: str = "prefix"  # ours only: the recipe's prefix-LM mask, or plain causal
+    attention: str = "fused"  # ours only: train.attention (the fused kernel or SDPA)
 
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
         extra = "_causal" if self.model == "ours" and self.mask == "causal" else ""
+        extra += "_sdpa" if self.model == "ours" and self.attention == "sdpa" else ""
         return f"{self.model}{extra}_{mode}_{size_label(self.micro_tokens)}"
 
 
-def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool
-         ) -> list[Variant]:
+def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool,
+         sdpa: bool = False) -> list[Variant]:
     """Variants in the order they run: what the targets need first, so a tight budget drops
     the extras (larger micro-batches, compiled extras, the causal-mask diagnostic) first."""
     models = ["ours", "hf"] if with_hf else ["ours"]
@@ -83,6 +85,9 @@ def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool
             order += [Variant(m, True, size) for m in models]
     if causal:  # what the prefix-LM mask costs, in the mode that matters (compiled on a GPU)
         order.append(Variant("ours", first in compile_sizes, first, mask="causal"))
+    if sdpa:  # what trainer.attention's kernel gains: the same step on SDPA
+        largest = max(sizes)
+        order.append(Variant("ours", largest in compile_sizes, largest, attention="sdpa"))
     return order
 
 
@@ -293,6 +298,9 @@ def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[st
             if ours_m and causal:
                 row["prefix_mask_cost"] = round(1 - ours_m / causal, 3)
                 row["prefix_mask_cost_mode"] = m
+            sdpa = tps(f"ours_sdpa_{m}_{k}")
+            if ours_m and sdpa:
+                row[f"fused_attention_vs_sdpa_{m}"] = round(ours_m / sdpa, 3)
         if len(row) > 1 or best:
             out[k] = row
     return out
@@ -342,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10; --tiny 3)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     p.add_argument("--no-causal", action="store_true", help="skip the causal-mask diagnostic")
+    p.add_argument("--sdpa", action="store_true",
+                   help="also run ours at the largest size with train.attention: sdpa (what "
+                   "the fused attention kernel gains, same run)")
     p.add_argument("--profile", action="store_true",
                    help="profile two steps of each variant (torch.profiler): the device's busy "
                    "fraction and the top kernels, in the JSON")
@@ -367,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
 
     wd = common.work_dir(args, "throughput")
     base_cfg, corpus = common.recipe(args, wd, {"train.compile": False})
-    variants = plan(sizes, compile_sizes, with_hf, not args.no_causal)
+    variants = plan(sizes, compile_sizes, with_hf, not args.no_causal, args.sdpa)
     config = {
         "corpus": corpus, "batches": "real token-budget batches of the training split "
         "(length-bucketed, shuffled, seed 1234), the same for every variant",
@@ -403,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg = common.apply(base_cfg, {"train.tokens_per_batch": v.micro_tokens,
                                       "train.grad_accum": accum, "train.compile": v.compiled,
-                                      "model.attention_mask": v.mask})
+                                      "model.attention_mask": v.mask,
+                                      "train.attention": v.attention})
         steps = step_batches(data, v.micro_tokens, accum, warm_compiled + n_timed,
                              base_cfg.train.seed)
         warmup = steps[:warm_compiled if v.compiled else warm_eager]

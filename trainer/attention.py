@@ -41,7 +41,8 @@ def available(device: torch.device, head_size: int) -> bool:
 # tile shapes per key tile (BLOCK_N, the row length rounded up to a power of two): queries
 # per inner iteration and warps, of the forward and of the backward, and how many programs
 # share a (row, head) in the forward; measured on an H200 (bench.attention)
-TILES: dict[int, dict[str, int]] = {32: {"fwd_m": 32, "bwd_m": 32},
+TILES: dict[int, dict[str, int]] = {16: {"fwd_warps": 2},
+                                     32: {"fwd_m": 32, "fwd_warps": 2, "bwd_m": 32},
                                      64: {"fwd_m": 64, "bwd_m": 64}}
 DEFAULT_TILES = {"fwd_m": 16, "fwd_warps": 4, "fwd_split": 1, "bwd_m": 16, "bwd_warps": 4}
 
