@@ -85,9 +85,9 @@ def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool
             order += [Variant(m, True, size) for m in models]
     if causal:  # what the prefix-LM mask costs, in the mode that matters (compiled on a GPU)
         order.append(Variant("ours", first in compile_sizes, first, mask="causal"))
-    if sdpa:  # what trainer.attention's kernel gains: the same step on SDPA
-        largest = max(sizes)
-        order.append(Variant("ours", largest in compile_sizes, largest, attention="sdpa"))
+    if sdpa:  # what trainer.attention's kernel gains: the same step on SDPA, largest first
+        order += [Variant("ours", size in compile_sizes, size, attention="sdpa")
+                  for size in sorted(sizes, reverse=True)]
     return order
 
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip the HF reference")
     p.add_argument("--no-causal", action="store_true", help="skip the causal-mask diagnostic")
     p.add_argument("--sdpa", action="store_true",
-                   help="also run ours at the largest size with train.attention: sdpa (what "
+                   help="also run ours with train.attention: sdpa at each size, last (what "
                    "the fused attention kernel gains, same run)")
     p.add_argument("--profile", action="store_true",
                    help="profile two steps of each variant (torch.profiler): the device's busy "

@@ -101,7 +101,8 @@ if triton is not None:
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
         return (r.to(tl.uint32, bitcast=True) >> 8).to(tl.int32) >= threshold
 
-    @triton.jit
+    # T is not a specialisation key: one compiled kernel per key-tile width, not one per length
+    @triton.jit(do_not_specialize=["T"])
     def _forward_kernel(qkv, cos, sin, prefix, seed_ptr, out, lse, T, s_b, s_t, s_cb, s_ct,
                         scale, p_drop, threshold, NH: tl.constexpr, HS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
@@ -132,7 +133,7 @@ if triton is not None:
             tl.store(out + (b * T + tq[:, None]) * (NH * HS) + h * HS + dv[None, :],
                      o.to(v.dtype), mask=(tq < T)[:, None])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T"])
     def _backward_kernel(qkv, cos, sin, prefix, seed_ptr, out, dout, lse, dqkv, T, s_b, s_t,
                          s_cb, s_ct, scale, p_drop, threshold, NH: tl.constexpr,
                          HS: tl.constexpr,
