@@ -11,7 +11,8 @@ Forward and forward + backward, ``--iters`` calls back to back (device time), ea
 block calls both the same way: an opaque custom op and SDPA's kernels). The best tiles per
 key-tile width are what ``trainer.attention.TILES`` should hold.
 
-Run on a GPU: ``python -m bench.attention``; ``--tiny`` runs the CPU smoke (interpreter).
+Run on a GPU: ``python -m bench.attention``; on CPU, ``TRITON_INTERPRET=1 python -m
+bench.attention --tiny`` is a smoke run in Triton's interpreter (its times mean nothing).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ast
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = common.on_gpu()
     device = torch.device("cuda" if gpu else "cpu")
+    if attention.triton is None:
+        p.error("needs Triton (pip install triton; CUDA builds of torch bring it)")
+    if not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("needs a GPU; on CPU run --tiny with TRITON_INTERPRET=1 (Triton's interpreter)")
     n_heads, hs, dropout = 12, 64, 0.1
     if args.tiny:
         n_heads, args.tokens, args.lengths, args.iters = 2, 256, "20", 1

@@ -2,10 +2,10 @@
 ``P @ V`` in one Triton kernel per (row, head), read straight from the qkv projection.
 
 Why: at the corpus's lengths (T ~ 66) SDPA's masked kernel (memory-efficient, the only one
-taking both a mask and dropout) tiles 64 x 64 and ran at ~20 TFLOP/s on an H200; with RoPE,
-the transposes and the qkv gradient's concatenation around it, attention was a quarter of a
-block's GPU time. Here a whole row of keys fits one tile (T <= ``MAX_T``): no online
-softmax, no masked-out tiles, and the backward writes one (B, T, 3C) gradient.
+taking both a mask and dropout) took 2.3 of a block's 9.2 ms of GPU time (64k tokens, H200),
+with RoPE, transposes and the qkv gradient's concatenation around it. Here a whole row of
+keys fits one tile (T <= ``MAX_T``): no online softmax, queries 16-64 at a time against it,
+and the backward writes one (B, T, 3C) gradient (bench.attention, BENCHMARKS.md P1).
 
 Same maths as :class:`trainer.model.SelfAttention` on SDPA: key ``k`` is visible to query
 ``q`` of row ``b`` when ``k < prefix_end[b]`` or ``k <= q`` (right padding only, as in
@@ -28,7 +28,7 @@ except ImportError:  # CPU-only installs: the model uses SDPA
 
 __all__ = ["MAX_T", "available", "fused_attention"]
 
-MAX_T = 128  # longest row one tile holds (s and p are (T, T) fp32 in registers)
+MAX_T = 128  # longest row one key tile holds (the backward keeps its dk, dv in registers)
 
 
 def available(device: torch.device, head_size: int) -> bool:
@@ -279,8 +279,8 @@ def fused_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] |
     if rope is None:
         cos = sin = qkv.new_zeros(1, 1, dtype=torch.float32)
     else:
-        cos, sin = (r.squeeze(2) for r in rope)  # (B, T, hs/2), stride 0 over B in training
-    if seed is None:  # (not read without dropout)
+        cos, sin = (r.squeeze(2) for r in rope)  # (B, T, hs/2), any strides over B and T
+    if seed is None:  # (a dummy without dropout)
         seed = torch.randint(0, 2**31 - 1, (1,), device=qkv.device) if dropout > 0 else prefix_end
     prefix_end = prefix_end.to(torch.int32)
     return _attention(qkv, cos, sin, prefix_end, seed, float(dropout), n_heads,
