@@ -17,7 +17,6 @@ bench.attention --tiny`` is a smoke run in Triton's interpreter (its times mean 
 
 from __future__ import annotations
 
-import ast
 import itertools
 import logging
 import os
@@ -118,19 +117,21 @@ def main(argv: list[str] | None = None) -> int:
 
         ref = {"fwd_ms": timed(lambda: run(sdpa_attention, False), args.iters) * 1e3,
                "fwd_bwd_ms": timed(lambda: run(sdpa_attention, True), args.iters) * 1e3}
-        block_n = max(16, 1 << (T - 1).bit_length())
+        block_n = attention.tile_width(T)
         saved = dict(attention.TILES)
-        fwd_times, bwd_times = {}, {}
+        fwd_times: dict[str, float] = {}
+        bwd_times: dict[str, float] = {}
+        tried: dict[str, dict[str, int]] = {}  # str(tiles) (the JSON's keys) -> tiles
         try:
             for values in itertools.product(*(sweep[k] for k in fwd_keys)):
                 tiles = dict(zip(fwd_keys, values, strict=True))
-                attention.TILES[block_n] = tiles
+                tried[str(tiles)] = attention.TILES[block_n] = tiles
                 fwd_times[str(tiles)] = timed(
                     lambda: run(attention.fused_attention, False), args.iters) * 1e3
             best_fwd = min(fwd_times, key=fwd_times.__getitem__)
             for values in itertools.product(*(sweep[k] for k in bwd_keys)):
-                tiles = {**ast.literal_eval(best_fwd), **dict(zip(bwd_keys, values, strict=True))}
-                attention.TILES[block_n] = tiles
+                tiles = {**tried[best_fwd], **dict(zip(bwd_keys, values, strict=True))}
+                tried[str(tiles)] = attention.TILES[block_n] = tiles
                 bwd_times[str(tiles)] = timed(
                     lambda: run(attention.fused_attention, True), args.iters) * 1e3
         finally:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         best = min(bwd_times, key=bwd_times.__getitem__)
         results[str(T)] = {
             "batch": B, "block_n": block_n, "sdpa": {k: round(v, 3) for k, v in ref.items()},
-            "fused_best_tiles": ast.literal_eval(best),
+            "fused_best_tiles": tried[best],
             "fused_best": {"fwd_ms": round(fwd_times[best_fwd], 3),
                            "fwd_bwd_ms": round(bwd_times[best], 3)},
             "fused_default": {"fwd_ms": round(fwd_times.get(str({k: attention.DEFAULT_TILES[k]

@@ -38,7 +38,12 @@ def available(device: torch.device, head_size: int) -> bool:
     return triton is not None and device.type == "cuda" and head_size in (32, 64, 128)
 
 
-# tile shapes per key tile (BLOCK_N, the row length rounded up to a power of two): queries
+def tile_width(T: int) -> int:
+    """The key tile (``BLOCK_N``) of rows of T tokens: T rounded up to a power of two, >= 16."""
+    return max(16, 1 << (T - 1).bit_length())
+
+
+# tile shapes per key tile width (``tile_width``): queries
 # per inner iteration and warps, of the forward and of the backward, and how many programs
 # share a (row, head) in the forward; measured on an H200 (bench.attention)
 TILES: dict[int, dict[str, int]] = {16: {"fwd_warps": 2},
@@ -197,7 +202,7 @@ def _launch_args(qkv: torch.Tensor, n_heads: int, rope: bool
                  ) -> tuple[int, int, int, dict[str, Any], dict[str, int]]:
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_heads)
-    block_n = max(16, triton.next_power_of_2(T))
+    block_n = tile_width(T)
     meta: dict[str, Any] = {
         "NH": n_heads, "HS": hs, "BLOCK_N": block_n, "ROPE": rope,
         "PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32"}
