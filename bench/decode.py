@@ -163,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
                  "train.compile": False}
     run_result: dict[str, Any] | None = None
     if args.from_run:
-        from storage.checkpoints import latest_checkpoint, load_checkpoint
+        from storage.checkpoints import latest_checkpoint
         from trainer.config import load_config
+        from trainer.errors import ConfigError
 
         run_dir = Path(args.from_run)
         cfg = load_config(run_dir / "config.yaml", overrides)
@@ -192,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = latest_checkpoint(Path(args.from_run))
         if checkpoint is None:
             raise SystemExit(f"bench: error: no verified checkpoint in {args.from_run}")
-        state = load_checkpoint(checkpoint)
-        run.model.load_state_dict(state["model"])
-        if run.ema is not None and state.get("ema") is not None:
-            run.ema.load_state_dict(state["ema"])
+        try:  # checks the checkpoint's model section (e.g. an old run's RoPE pairing)
+            run.load_weights(checkpoint)
+        except ConfigError as e:
+            raise SystemExit(f"bench: error: {e}") from None
     log.info("evaluation of %d pairs: %s ...", subset, ", ".join(MODES))
     modes = compare(run, args.repeats or (3 if args.tiny else 2), min(8, subset), deadline)
     cached, eager, uncached = modes["cached"], modes["cached_eager"], modes["uncached"]

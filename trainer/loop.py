@@ -717,7 +717,9 @@ class Run:
         self.saved_step = self.progress.step
         return self.saved_path
 
-    def _load(self, path: Path) -> None:
+    def load_weights(self, path: Path) -> dict[str, Any]:
+        """Load the model (and EMA) weights of checkpoint ``path`` after checking that its model
+        section is this run's; returns the whole checkpoint state."""
         state = load_checkpoint(path)
         ours = config_to_dict(self.cfg.model)
         saved_model = state["config"]["model"]
@@ -734,8 +736,12 @@ class Run:
                                              if len(differ) > 1 else "")
                 + f"; resume with --set model.{k}={saved_model.get(k)} or start a new run")
         self.model.load_state_dict(state["model"])
-        if self.ema is not None and state["ema"] is not None:
+        if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
+        return state
+
+    def _load(self, path: Path) -> None:
+        state = self.load_weights(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
