@@ -5,11 +5,13 @@ Per row length, the same qkv projection output (B, T, 3C) of the report's shape 
 - ``sdpa``: what the block did before the kernel (the reference of the run): RoPE on q and k,
   transposes, ``F.scaled_dot_product_attention`` with a (B, 1, T, T) mask (the memory-efficient
   kernel: the only one taking a mask and dropout), the output transposed back;
-- ``fused``: ``trainer.attention.fused_attention``, under each tile configuration of
-  ``--sweep`` (queries per iteration, warps, programs per (row, head)).
-Forward and forward + backward, ``--iters`` calls back to back (device time), eager (the compiled
-block calls both the same way: an opaque custom op and SDPA's kernels). The best tiles per
-key-tile width are what ``trainer.attention.TILES`` should hold.
+- ``fused``: ``trainer.attention.fused_attention``, under each block configuration of
+  ``--sweep`` (queries and keys per block, warps; kernel by kernel), then with the best one and
+  with the current ``trainer.attention.TILES``.
+Forward and forward + backward, device time of ``--iters`` calls (their kernels' time summed by
+the profiler: the host's launch overhead is not counted), eager (the compiled block calls both
+the same way: an opaque custom op and SDPA's kernels). The best blocks per
+``tile_width`` are what ``trainer.attention.TILES`` should hold.
 
 Run on a GPU: ``python -m bench.attention``; on CPU, ``TRITON_INTERPRET=1 python -m
 bench.attention --tiny`` is a smoke run in Triton's interpreter (its times mean nothing).
@@ -17,6 +19,7 @@ bench.attention --tiny`` is a smoke run in Triton's interpreter (its times mean 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -46,18 +49,17 @@ def sdpa_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
 
 
 def timed(fn: Callable[[], Any], iters: int) -> float:
-    """Seconds per call of ``iters`` calls back to back (the host queues ahead, as in training:
-    device time, not the host's launch overhead), median of three such runs."""
+    """Seconds per call of ``fn``: on a GPU its kernels' device time, summed by the profiler
+    over ``iters`` calls (at short rows the host's launch overhead outlasts the kernels, so
+    a wall clock would time the host); on CPU (the interpreter) wall time. After one call."""
     fn()
-    times = []
-    for _ in range(3):
-        common.synchronize()
+    if not common.on_gpu():
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
-        common.synchronize()
-        times.append((time.perf_counter() - t0) / iters)
-    return common.median(times)
+        return (time.perf_counter() - t0) / iters
+    busy = common.profile_ops(lambda: [fn() for _ in range(iters)], top=0)["device_busy_s"]
+    return float(busy) / iters
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,9 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=65536, help="tokens per micro-batch")
     p.add_argument("--lengths", default="66,40,100,128,24")
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--sweep", default="fwd_m=16,32,64;fwd_warps=4,8;fwd_split=1,2;"
-                   "bwd_m=16,32,64;bwd_warps=4,8",
-                   help="tile values to try: key=v1,v2;... (forward and backward apart)")
+    p.add_argument("--sweep", default="fwd_m=32,64,128;fwd_n=32,64;fwd_warps=4,8;"
+                   "bwd_m=16,32,64;bwd_warps=4,8;"
+                   "dq_m=32,64;dq_n=32,64;dq_warps=4,8;dkv_m=32,64;dkv_n=32,64;dkv_warps=4,8",
+                   help="block values to try, key=v1,v2;... (keys of trainer.attention."
+                   "DEFAULT_TILES, and fwd_stages, bwd_stages...); swept kernel by kernel: "
+                   "forward (forward times), then the backward's (forward + backward)")
     args = p.parse_args(argv)
     common.setup_logging()
     from trainer import attention
@@ -81,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error("needs a GPU; on CPU run --tiny with TRITON_INTERPRET=1 (Triton's interpreter)")
     n_heads, hs, dropout = 12, 64, 0.1
     if args.tiny:
-        n_heads, args.tokens, args.lengths, args.iters = 2, 256, "20", 1
-        args.sweep = "fwd_m=16;fwd_warps=4;fwd_split=1,2;bwd_m=16;bwd_warps=4"
+        n_heads, args.tokens, args.lengths, args.iters = 2, 280, "20,140", 1
+        args.sweep = "fwd_m=16,32;bwd_m=16;dq_n=16;dkv_m=16"
     sweep = {k: [int(x) for x in v.split(",")]
              for k, v in (item.split("=") for item in args.sweep.split(";") if item)}
-    fwd_keys = [k for k in sweep if k.startswith("fwd")]
-    bwd_keys = [k for k in sweep if k.startswith("bwd")]
     lengths = [int(n) for n in args.lengths.split(",") if n]
     dtype = torch.bfloat16 if gpu else torch.float32
     report = common.Report("attention", args, {
@@ -115,43 +118,50 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.no_grad():
                     fn(qkv, rope, prefix, n_heads, dropout)
 
-        ref = {"fwd_ms": timed(lambda: run(sdpa_attention, False), args.iters) * 1e3,
-               "fwd_bwd_ms": timed(lambda: run(sdpa_attention, True), args.iters) * 1e3}
-        block_n = attention.tile_width(T)
+        def both(fn: Callable[..., torch.Tensor]) -> dict[str, float]:
+            return {"fwd_ms": timed(lambda: run(fn, False), args.iters) * 1e3,
+                    "fwd_bwd_ms": timed(lambda: run(fn, True), args.iters) * 1e3}
+
+        ref = both(sdpa_attention)
+        width = attention.tile_width(T)
         saved = dict(attention.TILES)
-        fwd_times: dict[str, float] = {}
-        bwd_times: dict[str, float] = {}
-        tried: dict[str, dict[str, int]] = {}  # str(tiles) (the JSON's keys) -> tiles
+        times: dict[str, dict[str, float]] = {}  # kernel -> str(tiles) (the JSON's keys) -> ms
+        best: dict[str, int] = {}
+        # greedy: the forward's blocks, then the backward's with those (one kernel up to
+        # ONE_TILE_MAX_T tokens, else dq's, then dk/dv's)
+        kernels = ("fwd", "bwd") if T <= attention.ONE_TILE_MAX_T else ("fwd", "dq", "dkv")
         try:
-            for values in itertools.product(*(sweep[k] for k in fwd_keys)):
-                tiles = dict(zip(fwd_keys, values, strict=True))
-                tried[str(tiles)] = attention.TILES[block_n] = tiles
-                fwd_times[str(tiles)] = timed(
-                    lambda: run(attention.fused_attention, False), args.iters) * 1e3
-            best_fwd = min(fwd_times, key=fwd_times.__getitem__)
-            for values in itertools.product(*(sweep[k] for k in bwd_keys)):
-                tiles = {**tried[best_fwd], **dict(zip(bwd_keys, values, strict=True))}
-                tried[str(tiles)] = attention.TILES[block_n] = tiles
-                bwd_times[str(tiles)] = timed(
-                    lambda: run(attention.fused_attention, True), args.iters) * 1e3
+            for kernel in kernels:
+                keys = [k for k in sweep if k.split("_")[0] == kernel]
+                tried: dict[str, dict[str, int]] = {}
+                for values in itertools.product(*(sweep[k] for k in keys)):
+                    tiles = {**best, **dict(zip(keys, values, strict=True))}
+                    tried[str(tiles)] = attention.TILES[width] = tiles
+                    times.setdefault(kernel, {})[str(tiles)] = timed(functools.partial(
+                        run, attention.fused_attention, kernel != "fwd"), args.iters) * 1e3
+                if tried:
+                    best = tried[min(times[kernel], key=times[kernel].__getitem__)]
         finally:
             attention.TILES.clear()
             attention.TILES.update(saved)
-        best = min(bwd_times, key=bwd_times.__getitem__)
+        attention.TILES[width] = best
+        fused = both(attention.fused_attention)
+        attention.TILES.clear()
+        attention.TILES.update(saved)
+        default = both(attention.fused_attention)
         results[str(T)] = {
-            "batch": B, "block_n": block_n, "sdpa": {k: round(v, 3) for k, v in ref.items()},
-            "fused_best_tiles": tried[best],
-            "fused_best": {"fwd_ms": round(fwd_times[best_fwd], 3),
-                           "fwd_bwd_ms": round(bwd_times[best], 3)},
-            "fused_default": {"fwd_ms": round(fwd_times.get(str({k: attention.DEFAULT_TILES[k]
-                              for k in fwd_keys}), float("nan")), 3)},
-            "speedup_fwd": round(ref["fwd_ms"] / fwd_times[best_fwd], 3),
-            "speedup_fwd_bwd": round(ref["fwd_bwd_ms"] / bwd_times[best], 3),
-            "sweep_fwd_ms": {k: round(v, 3) for k, v in fwd_times.items()},
-            "sweep_fwd_bwd_ms": {k: round(v, 3) for k, v in bwd_times.items()},
+            "batch": B, "tile_width": width, "sdpa": {k: round(v, 3) for k, v in ref.items()},
+            "fused_best_tiles": best,
+            "fused_best": {k: round(v, 3) for k, v in fused.items()},
+            "fused_current_tiles": {k: round(v, 3) for k, v in default.items()},
+            "speedup_fwd": round(ref["fwd_ms"] / fused["fwd_ms"], 3),
+            "speedup_fwd_bwd": round(ref["fwd_bwd_ms"] / fused["fwd_bwd_ms"], 3),
+            "speedup_fwd_bwd_current_tiles": round(ref["fwd_bwd_ms"] / default["fwd_bwd_ms"], 3),
+            "sweep_ms": {kernel: {k: round(v, 3) for k, v in t.items()}
+                         for kernel, t in times.items()},
         }
         log.info("T=%d: sdpa %.3f/%.3f ms, fused %.3f/%.3f ms (fwd/fwd+bwd) with %s", T,
-                 ref["fwd_ms"], ref["fwd_bwd_ms"], fwd_times[best_fwd], bwd_times[best], best)
+                 ref["fwd_ms"], ref["fwd_bwd_ms"], fused["fwd_ms"], fused["fwd_bwd_ms"], best)
         report.save()
     report.finish()
     return 0

@@ -121,7 +121,7 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
         prefix = torch.randint(length // 4, length * 3 // 4, (batch,), generator=gen).to(device)
         mask = attention_mask(torch.zeros_like(prefix), prefix, length, length)
         hs = mcfg.d_model // mcfg.n_heads
-        if not sdpa and length <= attention.MAX_T and attention.available(device, hs):
+        if not sdpa and attention.available(device, hs):
             mask = prefix  # as DecoderLM.forward does: the prefix ends go to the fused kernel
         positions = torch.arange(length, device=device).expand(batch, length)
         angles = rotary_angles(positions, mcfg.d_model // mcfg.n_heads,

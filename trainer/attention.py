@@ -1,16 +1,21 @@
-"""Fused training attention for short rows: RoPE, the prefix-LM mask, softmax, dropout and
-``P @ V`` in one Triton kernel per (row, head), read straight from the qkv projection.
+"""Fused training attention: RoPE, the prefix-LM mask, softmax, dropout and ``P @ V`` in
+Triton kernels that read q, k, v straight from the qkv projection's output (B, T, 3C).
 
 Why: at the corpus's lengths (T ~ 66) SDPA's masked kernel (memory-efficient, the only one
 taking both a mask and dropout) took 2.3 of a block's 9.2 ms of GPU time (64k tokens, H200),
-with RoPE, transposes and the qkv gradient's concatenation around it. Here a whole row of
-keys fits one tile (T <= ``MAX_T``): no online softmax, queries 16-64 at a time against it,
-and the backward writes one (B, T, 3C) gradient (bench.attention, BENCHMARKS.md P1).
+with RoPE, transposes and the qkv gradient's concatenation around it (bench.attention,
+BENCHMARKS.md P1). Flash-attention's tiling: the forward takes ``BLOCK_M`` queries of one
+(row, head) against keys ``BLOCK_N`` at a time with an online softmax. The backward has no atomics
+(deterministic): on rows of <= ``ONE_TILE_MAX_T`` tokens one program per (row, head) holds
+all its keys and their dk, dv (each score computed once: the fastest there); on longer rows
+two kernels, dq per query block (it also stores rowsum(dO * O)), then dk and dv per key
+block. Blocks the mask hides entirely are skipped. Any row length.
 
 Same maths as :class:`trainer.model.SelfAttention` on SDPA: key ``k`` is visible to query
 ``q`` of row ``b`` when ``k < prefix_end[b]`` or ``k <= q`` (right padding only, as in
 training); dropout drops probabilities after the softmax and scales by 1 / (1 - p). Random
-bits come from Philox (``tl.randint4x``) on a per-call seed, regenerated in the backward.
+bits come from Philox (``tl.randint4x``) on a per-call seed and the (row, head, query, key)
+counter, so every kernel regenerates the same mask whatever its tiles.
 """
 
 from __future__ import annotations
@@ -26,9 +31,7 @@ try:
 except ImportError:  # CPU-only installs: the model uses SDPA
     triton = None
 
-__all__ = ["MAX_T", "available", "fused_attention"]
-
-MAX_T = 128  # longest row one key tile holds (the backward keeps its dk, dv in registers)
+__all__ = ["available", "fused_attention"]
 
 
 def available(device: torch.device, head_size: int) -> bool:
@@ -39,17 +42,21 @@ def available(device: torch.device, head_size: int) -> bool:
 
 
 def tile_width(T: int) -> int:
-    """The key tile (``BLOCK_N``) of rows of T tokens: T rounded up to a power of two, >= 16."""
-    return max(16, 1 << (T - 1).bit_length())
+    """Which entry of ``TILES`` rows of T tokens use: T rounded up to a power of two, 16 to
+    128 (no block is wider than the row's power of two)."""
+    return min(128, max(16, 1 << (T - 1).bit_length()))
 
 
-# tile shapes per key tile width (``tile_width``): queries
-# per inner iteration and warps, of the forward and of the backward, and how many programs
-# share a (row, head) in the forward; measured on an H200 (bench.attention)
-TILES: dict[int, dict[str, int]] = {16: {"fwd_warps": 2},
-                                     32: {"fwd_m": 32, "fwd_warps": 2, "bwd_m": 32},
-                                     64: {"fwd_m": 64, "bwd_m": 64}}
-DEFAULT_TILES = {"fwd_m": 16, "fwd_warps": 4, "fwd_split": 1, "bwd_m": 16, "bwd_warps": 4}
+ONE_TILE_MAX_T = 128  # rows up to this long take the one-kernel backward (_backward_kernel)
+
+# block shapes per ``tile_width``: queries (m) and keys (n) per block and warps of the
+# forward (fwd_), the one-kernel backward (bwd_: queries per step; its keys are the row), the
+# dq kernel (dq_) and the dk/dv kernel (dkv_); blocks are capped at the width; measured on an
+# H200 (bench.attention, 2026-11-29)
+TILES: dict[int, dict[str, int]] = {64: {"bwd_m": 64}}
+DEFAULT_TILES = {"fwd_m": 64, "fwd_n": 32, "fwd_warps": 4, "bwd_m": 16, "bwd_warps": 4,
+                 "dq_m": 64, "dq_n": 32, "dq_warps": 4, "dkv_m": 64, "dkv_n": 64,
+                 "dkv_warps": 4}
 
 
 if triton is not None:
@@ -75,6 +82,13 @@ if triton is not None:
         return x1, x2
 
     @triton.jit
+    def _values(qkv, b, h, t, T, s_b, s_t, NH: tl.constexpr, HS: tl.constexpr):
+        """Rows ``t`` of v of head ``h`` (N, HS)."""
+        d = tl.arange(0, HS)
+        return tl.load(qkv + b * s_b + t[:, None] * s_t + 2 * NH * HS + h * HS + d[None, :],
+                       mask=(t < T)[:, None], other=0.0)
+
+    @triton.jit
     def _unrotate(g1, g2, cos, sin, b, t, T, s_cb, s_ct, HS: tl.constexpr):
         """The rotation's transpose: the gradient of rotated rows -> of the projection's."""
         d = tl.arange(0, HS // 2)
@@ -85,145 +99,268 @@ if triton is not None:
         return g1 * c + g2 * s, g2 * c - g1 * s
 
     @triton.jit
-    def _probs(q1, q2, k1, k2, tq, prefix, b, T, scale, PRECISION: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-        """Scaled scores (M, BLOCK_N) fp32 of queries ``tq`` and the visibility mask."""
-        tk = tl.arange(0, BLOCK_N)
+    def _scores(q1, q2, k1, k2, tq, tk, end, T, scale, PRECISION: tl.constexpr):
+        """Scaled scores (M, N) fp32 of queries ``tq`` against keys ``tk``, and which are
+        visible: ``k < end`` (the prefix) or ``k <= q`` (causal), within the row."""
         s = tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
         s = (s + tl.dot(q2, tl.trans(k2), input_precision=PRECISION)) * scale
-        end = tl.load(prefix + b)
         visible = ((tk[None, :] < end) | (tk[None, :] <= tq[:, None])) & (tk[None, :] < T)
         return s, visible
 
     @triton.jit
-    def _keep(seed, pid, tq, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """Dropout's keep mask (BLOCK_M, BLOCK_N) of queries ``tq``: one Philox counter per four
-        keys gives four 32-bit draws; a key is kept when its draw's top 24 bits are >=
-        ``threshold`` = p * 2**24 (the backward regenerates the same mask)."""
-        c = tl.arange(0, BLOCK_N // 4)
-        counters = (pid.to(tl.int64) * BLOCK_N + tq[:, None]) * (BLOCK_N // 4) + c[None, :]
+    def _keep(seed, bh, tq, tk0, T, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Dropout's keep mask (BLOCK_M, BLOCK_N) of queries ``tq`` and keys ``tk0`` + 0..N-1
+        of (row, head) ``bh``: one Philox counter per four keys gives four 32-bit draws; a key
+        is kept when its draw's top 24 bits are >= ``threshold`` = p * 2**24. The counter
+        depends on (bh, query, key) only, so any tiling regenerates the same mask."""
+        groups = (T + 3) // 4
+        c = tk0 // 4 + tl.arange(0, BLOCK_N // 4)
+        counters = (bh.to(tl.int64) * T + tq[:, None]) * groups + c[None, :]
         r0, r1, r2, r3 = tl.randint4x(seed, counters)
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK_M, BLOCK_N))
         return (r.to(tl.uint32, bitcast=True) >> 8).to(tl.int32) >= threshold
 
-    # T is not a specialisation key: one compiled kernel per key-tile width, not one per length
+    # T is not a specialisation key: one compiled kernel per tile shape, not one per length
     @triton.jit(do_not_specialize=["T"])
     def _forward_kernel(qkv, cos, sin, prefix, seed_ptr, out, lse, T, s_b, s_t, s_cb, s_ct,
                         scale, p_drop, threshold, NH: tl.constexpr, HS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                        ROPE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-        pid = tl.program_id(0)
-        b = pid // NH
-        h = pid % NH
-        tk = tl.arange(0, BLOCK_N)
-        k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-        dv = tl.arange(0, HS)
-        v = tl.load(qkv + b * s_b + tk[:, None] * s_t + 2 * NH * HS + h * HS + dv[None, :],
-                    mask=(tk < T)[:, None], other=0.0)
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+                        DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """Queries ``BLOCK_M`` at a time against keys ``BLOCK_N`` at a time, online softmax."""
+        bh = tl.program_id(0)
+        b = bh // NH
+        h = bh % NH
+        m0 = tl.program_id(1) * BLOCK_M
+        tq = m0 + tl.arange(0, BLOCK_M)
+        q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
+        end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)  # (a dummy without dropout)
-        for m0 in range(tl.program_id(1) * BLOCK_M, T, BLOCK_M * SPLIT):
-            tq = m0 + tl.arange(0, BLOCK_M)
-            q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-            s, visible = _probs(q1, q2, k1, k2, tq, prefix, b, T, scale, PRECISION, BLOCK_N)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, HS), tl.float32)
+        hi = tl.minimum(T, tl.maximum(end, m0 + BLOCK_M))  # keys past it are hidden
+        for n0 in range(0, hi, BLOCK_N):
+            tk = n0 + tl.arange(0, BLOCK_N)
+            k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
+            v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+            s, visible = _scores(q1, q2, k1, k2, tq, tk, end, T, scale, PRECISION)
             s = tl.where(visible, s, float("-inf"))
-            m = tl.max(s, 1)
-            p = tl.exp(s - m[:, None])
-            total = tl.sum(p, 1)
-            tl.store(lse + pid * T + tq, m + tl.log(total), mask=tq < T)
-            p = p / total[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see nothing
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
             if DROPOUT:
-                keep = _keep(seed, pid, tq, threshold, BLOCK_M, BLOCK_N)
-                p = tl.where(keep, p / (1.0 - p_drop), 0.0)
-            o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            tl.store(out + (b * T + tq[:, None]) * (NH * HS) + h * HS + dv[None, :],
-                     o.to(v.dtype), mask=(tq < T)[:, None])
+                p = tl.where(_keep(seed, bh, tq, n0, T, threshold, BLOCK_M, BLOCK_N), p, 0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        if DROPOUT:
+            acc = acc / (1.0 - p_drop)
+        tl.store(lse + bh * T + tq, m_i + tl.log(l_i), mask=tq < T)
+        dv = tl.arange(0, HS)
+        tl.store(out + (b * T + tq[:, None]) * (NH * HS) + h * HS + dv[None, :],
+                 (acc / l_i[:, None]).to(out.dtype.element_ty), mask=(tq < T)[:, None])
+
+    @triton.jit
+    def _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T, scale,
+                 p_drop, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """Of queries ``tq`` against keys ``n0`` + 0..N-1: the probabilities as dropout left
+        them (M, N) fp32 and the scores' gradient (M, N) in the input dtype."""
+        tk = n0 + tl.arange(0, BLOCK_N)
+        s, visible = _scores(q1, q2, k1, k2, tq, tk, end, T, scale, PRECISION)
+        p = tl.where(visible, tl.exp(s - row_lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # of the dropped-out p
+        if DROPOUT:
+            keep = _keep(seed, bh, tq, n0, T, threshold, BLOCK_M, BLOCK_N)
+            pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
+            dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
+        else:
+            pd = p
+        ds = (p * (dp - delta[:, None]) * scale).to(do.dtype)
+        return pd, ds
+
+    @triton.jit
+    def _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH: tl.constexpr,
+                  HS: tl.constexpr, ROPE: tl.constexpr):
+        """dq of queries ``tq`` (two halves, rotated) into the q part of ``dqkv``."""
+        if ROPE:
+            dq1, dq2 = _unrotate(dq1, dq2, cos, sin, b, tq, T, s_cb, s_ct, HS)
+        d = tl.arange(0, HS // 2)
+        base = dqkv + (b * T + tq[:, None]) * (3 * NH * HS) + h * HS + d[None, :]
+        dtype = dqkv.dtype.element_ty
+        tl.store(base, dq1.to(dtype), mask=(tq < T)[:, None])
+        tl.store(base + HS // 2, dq2.to(dtype), mask=(tq < T)[:, None])
+
+    @triton.jit
+    def _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH: tl.constexpr,
+                   HS: tl.constexpr, ROPE: tl.constexpr):
+        """dk (two halves, rotated) and dv of keys ``tk`` into the k and v parts of ``dqkv``."""
+        if ROPE:
+            dk1, dk2 = _unrotate(dk1, dk2, cos, sin, b, tk, T, s_cb, s_ct, HS)
+        keys = (tk < T)[:, None]
+        d = tl.arange(0, HS // 2)
+        dh = tl.arange(0, HS)
+        dtype = dqkv.dtype.element_ty
+        base = dqkv + (b * T + tk[:, None]) * (3 * NH * HS) + NH * HS + h * HS
+        tl.store(base + d[None, :], dk1.to(dtype), mask=keys)
+        tl.store(base + HS // 2 + d[None, :], dk2.to(dtype), mask=keys)
+        tl.store(base + NH * HS + dh[None, :], dv.to(dtype), mask=keys)
 
     @triton.jit(do_not_specialize=["T"])
     def _backward_kernel(qkv, cos, sin, prefix, seed_ptr, out, dout, lse, dqkv, T, s_b, s_t,
                          s_cb, s_ct, scale, p_drop, threshold, NH: tl.constexpr,
-                         HS: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-                         DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+                         HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         ROPE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """The whole backward of rows of <= ``BLOCK_N`` tokens: one program per (row, head)
+        holds every key with its dk and dv and takes queries ``BLOCK_M`` at a time (faster
+        there than dq and dk/dv apart: each score is computed once)."""
         HALF: tl.constexpr = HS // 2
-        pid = tl.program_id(0)
-        b = pid // NH
-        h = pid % NH
+        bh = tl.program_id(0)
+        b = bh // NH
+        h = bh % NH
         tk = tl.arange(0, BLOCK_N)
-        dv_ = tl.arange(0, HS)
-        d = tl.arange(0, HALF)
         k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-        v = tl.load(qkv + b * s_b + tk[:, None] * s_t + 2 * NH * HS + h * HS + dv_[None, :],
-                    mask=(tk < T)[:, None], other=0.0)
-        dtype = v.dtype
+        v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+        end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)  # (a dummy without dropout)
-        dk1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        dk2 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
-        dv = tl.zeros((BLOCK_N, HS), dtype=tl.float32)
+        dh = tl.arange(0, HS)
+        dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
+        dk2 = tl.zeros((BLOCK_N, HALF), tl.float32)
+        dv = tl.zeros((BLOCK_N, HS), tl.float32)
         for m0 in range(0, T, BLOCK_M):
             tq = m0 + tl.arange(0, BLOCK_M)
             rows = (tq < T)[:, None]
             q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-            at = (b * T + tq[:, None]) * (NH * HS) + h * HS + dv_[None, :]
+            at = (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :]
             do = tl.load(dout + at, mask=rows, other=0.0)
             o = tl.load(out + at, mask=rows, other=0.0)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
-            s, visible = _probs(q1, q2, k1, k2, tq, prefix, b, T, scale, PRECISION, BLOCK_N)
-            row_lse = tl.load(lse + pid * T + tq, mask=tq < T, other=0.0)
-            p = tl.where(visible, tl.exp(s - row_lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # of the dropped-out p
-            if DROPOUT:
-                keep = _keep(seed, pid, tq, threshold, BLOCK_M, BLOCK_N)
-                pd = tl.where(keep, p / (1.0 - p_drop), 0.0)
-                dp = tl.where(keep, dp / (1.0 - p_drop), 0.0)
-            else:
-                pd = p
-            dv += tl.dot(tl.trans(pd.to(dtype)), do, input_precision=PRECISION)
-            ds = (p * (dp - delta[:, None]) * scale).to(dtype)
-            dq1 = tl.dot(ds, k1, input_precision=PRECISION)
-            dq2 = tl.dot(ds, k2, input_precision=PRECISION)
+            row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
+            pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, 0, end, T,
+                              scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
             dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
             dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
-            if ROPE:
-                dq1, dq2 = _unrotate(dq1, dq2, cos, sin, b, tq, T, s_cb, s_ct, HS)
-            base = dqkv + (b * T + tq[:, None]) * (3 * NH * HS) + h * HS + d[None, :]
-            tl.store(base, dq1.to(dtype), mask=rows)
-            tl.store(base + HALF, dq2.to(dtype), mask=rows)
-        if ROPE:
-            dk1, dk2 = _unrotate(dk1, dk2, cos, sin, b, tk, T, s_cb, s_ct, HS)
-        keys = (tk < T)[:, None]
-        base = dqkv + (b * T + tk[:, None]) * (3 * NH * HS) + NH * HS + h * HS + d[None, :]
-        tl.store(base, dk1.to(dtype), mask=keys)
-        tl.store(base + HALF, dk2.to(dtype), mask=keys)
-        tl.store(dqkv + (b * T + tk[:, None]) * (3 * NH * HS) + 2 * NH * HS + h * HS
-                 + dv_[None, :], dv.to(dtype), mask=keys)
+            _store_dq(dqkv, tl.dot(ds, k1, input_precision=PRECISION),
+                      tl.dot(ds, k2, input_precision=PRECISION), cos, sin, b, h, tq, T, s_cb,
+                      s_ct, NH, HS, ROPE)
+        _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH, HS, ROPE)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _dq_kernel(qkv, cos, sin, prefix, seed_ptr, out, dout, lse, delta_ptr, dqkv, T, s_b,
+                   s_t, s_cb, s_ct, scale, p_drop, threshold, NH: tl.constexpr,
+                   HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   ROPE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """dq of ``BLOCK_M`` queries (keys ``BLOCK_N`` at a time); stores rowsum(dO * O) for
+        the dk/dv kernel."""
+        HALF: tl.constexpr = HS // 2
+        bh = tl.program_id(0)
+        b = bh // NH
+        h = bh % NH
+        m0 = tl.program_id(1) * BLOCK_M
+        tq = m0 + tl.arange(0, BLOCK_M)
+        rows = (tq < T)[:, None]
+        q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
+        dh = tl.arange(0, HS)
+        at = (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :]
+        do = tl.load(dout + at, mask=rows, other=0.0)
+        o = tl.load(out + at, mask=rows, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        tl.store(delta_ptr + bh * T + tq, delta, mask=tq < T)
+        row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
+        end = tl.load(prefix + b)
+        seed = tl.load(seed_ptr)
+        dq1 = tl.zeros((BLOCK_M, HALF), tl.float32)
+        dq2 = tl.zeros((BLOCK_M, HALF), tl.float32)
+        hi = tl.minimum(T, tl.maximum(end, m0 + BLOCK_M))
+        for n0 in range(0, hi, BLOCK_N):
+            tk = n0 + tl.arange(0, BLOCK_N)
+            k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
+            v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+            _, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T,
+                             scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
+            dq1 += tl.dot(ds, k1, input_precision=PRECISION)
+            dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+        _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH, HS, ROPE)
+
+    @triton.jit(do_not_specialize=["T"])
+    def _dkv_kernel(qkv, cos, sin, prefix, seed_ptr, dout, lse, delta_ptr, dqkv, T, s_b, s_t,
+                    s_cb, s_ct, scale, p_drop, threshold, NH: tl.constexpr, HS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+                    DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
+        """dk and dv of ``BLOCK_N`` keys (queries ``BLOCK_M`` at a time)."""
+        HALF: tl.constexpr = HS // 2
+        bh = tl.program_id(0)
+        b = bh // NH
+        h = bh % NH
+        n0 = tl.program_id(1) * BLOCK_N
+        tk = n0 + tl.arange(0, BLOCK_N)
+        k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
+        v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+        end = tl.load(prefix + b)
+        seed = tl.load(seed_ptr)
+        dh = tl.arange(0, HS)
+        dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
+        dk2 = tl.zeros((BLOCK_N, HALF), tl.float32)
+        dv = tl.zeros((BLOCK_N, HS), tl.float32)
+        # queries before both the prefix's end and these keys see none of them
+        lo = tl.where(n0 < end, 0, (n0 // BLOCK_M) * BLOCK_M)
+        for m0 in range(lo, T, BLOCK_M):
+            tq = m0 + tl.arange(0, BLOCK_M)
+            rows = (tq < T)[:, None]
+            q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
+            do = tl.load(dout + (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :],
+                         mask=rows, other=0.0)
+            row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
+            delta = tl.load(delta_ptr + bh * T + tq, mask=tq < T, other=0.0)
+            pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T,
+                              scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
+            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+            dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
+            dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
+        _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH, HS, ROPE)
 
 
 def _launch_args(qkv: torch.Tensor, n_heads: int, rope: bool
-                 ) -> tuple[int, int, int, dict[str, Any], dict[str, int]]:
+                 ) -> tuple[int, int, dict[str, Any], dict[str, int]]:
     B, T, C3 = qkv.shape
     hs = C3 // (3 * n_heads)
-    block_n = tile_width(T)
-    meta: dict[str, Any] = {
-        "NH": n_heads, "HS": hs, "BLOCK_N": block_n, "ROPE": rope,
+    width = tile_width(T)
+    args: dict[str, Any] = {
+        "scale": 1 / math.sqrt(hs), "NH": n_heads, "HS": hs, "ROPE": rope,
         "PRECISION": "ieee" if qkv.dtype == torch.float32 else "tf32"}
-    tiles = {**DEFAULT_TILES, **TILES.get(block_n, {})}
-    tiles = {k: (min(v, block_n) if k.endswith("_m") else v) for k, v in tiles.items()}
-    return B, T, hs, meta, tiles
+    tiles = {**DEFAULT_TILES, **TILES.get(width, {})}
+    tiles = {k: (min(v, width) if k.endswith(("_m", "_n")) else v) for k, v in tiles.items()}
+    return B, T, args, tiles
+
+
+def _compile_args(tiles: dict[str, int], kernel: str) -> dict[str, int]:
+    """Blocks, warps (and pipeline stages where ``tiles`` names them) of ``kernel``."""
+    out = {"BLOCK_M": tiles[f"{kernel}_m"], "num_warps": tiles[f"{kernel}_warps"]}
+    if f"{kernel}_n" in tiles:
+        out["BLOCK_N"] = tiles[f"{kernel}_n"]
+    if f"{kernel}_stages" in tiles:
+        out["num_stages"] = tiles[f"{kernel}_stages"]
+    return out
+
+
+def _dropout_args(p: float) -> dict[str, Any]:
+    return {"p_drop": p, "threshold": round(p * 2**24), "DROPOUT": p > 0}
 
 
 @torch.library.custom_op("amt::attention", mutates_args=())
 def _attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, prefix: torch.Tensor,
                seed: torch.Tensor, p: float, n_heads: int, rope: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    B, T, hs, meta, tiles = _launch_args(qkv, n_heads, rope)
-    out = qkv.new_empty(B, T, n_heads * hs)
+    B, T, args, tiles = _launch_args(qkv, n_heads, rope)
+    out = qkv.new_empty(B, T, qkv.size(2) // 3)
     lse = torch.empty(B, n_heads, T, device=qkv.device, dtype=torch.float32)
-    split = min(tiles["fwd_split"], triton.cdiv(T, tiles["fwd_m"]))
-    _forward_kernel[(B * n_heads, split)](
+    _forward_kernel[(B * n_heads, triton.cdiv(T, tiles["fwd_m"]))](
         qkv, cos, sin, prefix, seed, out, lse, T, qkv.stride(0), qkv.stride(1),
-        cos.stride(0), cos.stride(1), 1 / math.sqrt(hs), p, round(p * 2**24), DROPOUT=p > 0,
-        **meta,
-        BLOCK_M=tiles["fwd_m"], SPLIT=split, num_warps=tiles["fwd_warps"])
+        cos.stride(0), cos.stride(1), **args, **_dropout_args(p),
+        **_compile_args(tiles, "fwd"))
     return out, lse
 
 
@@ -239,12 +376,22 @@ def _attention_backward(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
                         qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         prefix: torch.Tensor, seed: torch.Tensor, p: float, n_heads: int,
                         rope: bool) -> torch.Tensor:
-    B, T, hs, meta, tiles = _launch_args(qkv, n_heads, rope)
-    dqkv = qkv.new_empty(B, T, 3 * n_heads * hs)
-    _backward_kernel[(B * n_heads,)](
-        qkv, cos, sin, prefix, seed, out, dout.contiguous(), lse, dqkv, T, qkv.stride(0),
-        qkv.stride(1), cos.stride(0), cos.stride(1), 1 / math.sqrt(hs), p, round(p * 2**24),
-        DROPOUT=p > 0, **meta, BLOCK_M=tiles["bwd_m"], num_warps=tiles["bwd_warps"])
+    B, T, args, tiles = _launch_args(qkv, n_heads, rope)
+    dqkv = qkv.new_empty(B, T, qkv.size(2))
+    delta = torch.empty_like(lse)
+    dout = dout.contiguous()
+    common = (T, qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1))
+    if T <= ONE_TILE_MAX_T:
+        _backward_kernel[(B * n_heads,)](
+            qkv, cos, sin, prefix, seed, out, dout, lse, dqkv, *common, **args,
+            **_dropout_args(p), BLOCK_N=tile_width(T), **_compile_args(tiles, "bwd"))
+        return dqkv
+    _dq_kernel[(B * n_heads, triton.cdiv(T, tiles["dq_m"]))](
+        qkv, cos, sin, prefix, seed, out, dout, lse, delta, dqkv, *common, **args,
+        **_dropout_args(p), **_compile_args(tiles, "dq"))
+    _dkv_kernel[(B * n_heads, triton.cdiv(T, tiles["dkv_n"]))](
+        qkv, cos, sin, prefix, seed, dout, lse, delta, dqkv, *common, **args,
+        **_dropout_args(p), **_compile_args(tiles, "dkv"))
     return dqkv
 
 
@@ -274,11 +421,8 @@ def fused_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] |
                     prefix_end: torch.Tensor, n_heads: int, dropout: float,
                     seed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output (B, T, C) for the qkv projection ``qkv`` (B, T, 3C) of right-padded
-    rows, T <= ``MAX_T``; ``rope`` = (cos, sin) (B, T, 1, hs/2) or None; ``prefix_end`` (B,)
-    int (zeros: causal); ``seed`` (1,) int64 for the dropout (drawn when None)."""
-    B, T, _ = qkv.shape
-    if T > MAX_T:
-        raise ValueError(f"fused_attention takes rows of at most {MAX_T} tokens, got {T}")
+    rows; ``rope`` = (cos, sin) (B, T, 1, hs/2) or None; ``prefix_end`` (B,) int (zeros:
+    causal); ``seed`` (1,) int64 for the dropout (drawn when None)."""
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     if rope is None:

@@ -203,8 +203,8 @@ class DecoderLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, pad_id: int) -> None:
         super().__init__()
         self.cfg = cfg
-        # forward() on rows of <= attention.MAX_T tokens uses trainer.attention's kernel (set
-        # by the trainer where it can run: a GPU with Triton)
+        # forward() uses trainer.attention's kernel in training (set by the trainer where it
+        # can run: a GPU with Triton)
         self.fused_attention = False
         self.vocab_size = vocab_size
         self.pad_id = pad_id
@@ -246,7 +246,7 @@ class DecoderLM(nn.Module):
         B, T = tokens.shape
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         mask: torch.Tensor | None
-        if self.fused_attention and T <= attention.MAX_T:
+        if self.fused_attention:
             # the kernel takes the prefix ends, not a (B, 1, T, T) mask; 0: causal
             causal = self.cfg.attention_mask == "causal"
             mask = torch.zeros_like(prefix_lens) if causal else prefix_lens

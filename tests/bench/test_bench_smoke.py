@@ -131,9 +131,12 @@ def test_block(runs: dict[str, Any]) -> None:
 
 def test_attention(runs: dict[str, Any]) -> None:
     r = result(runs, "attention")
-    row = r["results"]["20"]
-    assert row["block_n"] == 32 and row["sdpa"]["fwd_ms"] > 0
-    assert len(row["sweep_fwd_ms"]) == 2 and row["fused_best"]["fwd_bwd_ms"] > 0
+    short, long = r["results"]["20"], r["results"]["140"]
+    assert short["tile_width"] == 32 and short["sdpa"]["fwd_ms"] > 0
+    assert len(short["sweep_ms"]["fwd"]) == 2 and short["fused_best"]["fwd_bwd_ms"] > 0
+    # the one-kernel backward up to ONE_TILE_MAX_T tokens, dq and dk/dv kernels past it
+    assert set(short["sweep_ms"]) == {"fwd", "bwd"}
+    assert set(long["sweep_ms"]) == {"fwd", "dq", "dkv"}
 
 
 def test_real_run(runs: dict[str, Any]) -> None:

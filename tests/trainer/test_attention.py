@@ -29,12 +29,26 @@ def _inputs(B: int, T: int, cfg: ModelConfig, seed: int = 0) -> tuple:
     return x, prefix, (angles.cos(), angles.sin())
 
 
-@pytest.mark.parametrize("tiles", [{}, {"fwd_m": 16, "fwd_split": 2, "bwd_m": 16}])
+SMALL = {f"{k}_{mn}": 16 for k in ("fwd", "dq", "dkv") for mn in "mn"}
+MIXED = {"fwd_m": 32, "fwd_n": 16, "dq_m": 16, "dq_n": 32, "dkv_m": 32, "dkv_n": 16}
+
+
+def _use_tiles(monkeypatch: pytest.MonkeyPatch, tiles: dict) -> None:
+    """``tiles`` for rows of 33-64 tokens; with blocks given, the two-kernel backward."""
+    monkeypatch.setattr(attention, "TILES", {64: tiles})
+    if tiles:
+        monkeypatch.setattr(attention, "ONE_TILE_MAX_T", 0)
+
+
+@pytest.mark.parametrize("tiles", [{}, SMALL, MIXED])
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("T", [7, 33])
 def test_matches_sdpa_with_the_prefix_mask(rope: bool, T: int, tiles: dict,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "TILES", {64: tiles})  # T=33: queries in 1 to 3 tiles
+    # T=33: the forward in one block of 64 and the one-kernel backward (queries 16 at a
+    # time), or every kernel in 2-3 query and key blocks: the online softmax, the skipped
+    # blocks past the prefix and the diagonal, a last block mostly past T
+    _use_tiles(monkeypatch, tiles)
     cfg = ModelConfig(d_model=64, n_heads=2, dropout=0.0)
     torch.manual_seed(0)
     attn = SelfAttention(cfg, layer=0).to(DEVICE)
@@ -53,7 +67,13 @@ def test_matches_sdpa_with_the_prefix_mask(rope: bool, T: int, tiles: dict,
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
 
 
-def test_dropout_keeps_the_expected_share_and_its_gradient_is_exact() -> None:
+@pytest.mark.parametrize("tiles", [{}, MIXED])
+def test_dropout_keeps_the_expected_share_and_its_gradient_is_exact(
+        tiles: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the forward, the one-kernel backward and (MIXED) the two backward kernels tile
+    # differently; the mask they regenerate must be the same (else the gradient is not the
+    # output's)
+    _use_tiles(monkeypatch, tiles)
     B, T, nh, hs = 4, 40, 2, 32
     qkv = torch.zeros(B, T, 3 * nh * hs, device=DEVICE)
     qkv[..., 2 * nh * hs:] = 1.0  # q = k = 0: uniform attention; v = 1: out = kept share
@@ -84,12 +104,12 @@ def test_dropout_keeps_the_expected_share_and_its_gradient_is_exact() -> None:
     assert math.isclose(numeric.item(), (grad * direction).sum().item(), rel_tol=2e-3)
 
 
-def test_model_uses_sdpa_past_max_t_and_compiles_with_the_kernel() -> None:
+def test_model_with_the_kernel_matches_sdpa_and_compiles() -> None:
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.0,
                       drop_path=0.0, max_len=256)
     torch.manual_seed(0)
     model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE)
-    for T in (attention.MAX_T + 2, 12):
+    for T in (130, 12):  # 130: three key blocks of 64
         tokens = torch.randint(1, 50, (2, T), device=DEVICE)
         prefix = torch.tensor([3, T // 2], device=DEVICE)
         reference = model(tokens, prefix)
