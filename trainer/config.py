@@ -145,6 +145,9 @@ class OptimConfig:
         _fraction(self, "label_smoothing", "min_lr_ratio")
 
 
+FUSED_COMPILED_MIN_TOKENS = 65536  # train.attention "auto": see TrainingConfig.attention
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingConfig:
     """The loop: batch size in tokens, budget, precision, EMA, evaluation and checkpoints."""
@@ -160,9 +163,12 @@ class TrainingConfig:
     # (the report's shape at 16k-token micro-batches: 466k instead of 391k tokens/s on an
     # H200, for ~70 s more compilation once per process); "python" compiles faster
     compile_wrapper: Literal["cpp", "python"] = "cpp"
-    # "fused": on a GPU with Triton, batches of rows of <= 128 tokens run attention (with
-    # RoPE, mask and dropout) in trainer.attention's kernel; "sdpa": always PyTorch's SDPA
-    attention: Literal["fused", "sdpa"] = "fused"
+    # "fused": on a GPU with Triton, training attention (with RoPE, mask and dropout) runs in
+    # trainer.attention's kernels; "sdpa": PyTorch's SDPA; "auto": fused, except compiled
+    # training at micro-batches under FUSED_COMPILED_MIN_TOKENS, which is host-bound: there the
+    # kernel's launch overhead outweighs its device time saved (H200: 0.85-0.96x the compiled
+    # step at 16k tokens, 1.055x at 64k; eager 16k 379k tokens/s, BENCHMARKS.md P1)
+    attention: Literal["auto", "fused", "sdpa"] = "auto"
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

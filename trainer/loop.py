@@ -51,7 +51,7 @@ from storage.checkpoints import (
 )
 from storage.errors import CheckpointError
 from trainer import attention, metrics
-from trainer.config import TrainConfig, config_to_dict
+from trainer.config import FUSED_COMPILED_MIN_TOKENS, TrainConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from trainer.decode import generate
 from trainer.errors import ConfigError, TrainingFailed
@@ -148,6 +148,15 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def uses_fused_attention(cfg: TrainConfig) -> bool:
+    """Whether ``train.attention`` asks for the fused kernels (where they can run: see
+    ``attention.available``); "auto": not for compiled training at micro-batches under
+    ``FUSED_COMPILED_MIN_TOKENS`` (host-bound there, see the config's comment)."""
+    if cfg.train.attention == "auto":
+        return not cfg.train.compile or cfg.train.tokens_per_batch >= FUSED_COMPILED_MIN_TOKENS
+    return cfg.train.attention == "fused"
 
 
 def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
@@ -319,7 +328,7 @@ class Run:
         with self.device:  # initialised where it trains: on a GPU, a 16-layer model is
             # ready in ~0.1 s instead of ~2 s of CPU init and copy between two trials (P6)
             self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id)
-        self.model.fused_attention = cfg.train.attention == "fused" and attention.available(
+        self.model.fused_attention = uses_fused_attention(cfg) and attention.available(
             self.device, cfg.model.d_model // cfg.model.n_heads)
         self.ema = None
         if cfg.train.ema_decay > 0:

@@ -134,3 +134,20 @@ def test_fit_on_cuda_with_the_kernel(tmp_path: Path) -> None:
                                                   "train.compile": True})
     result = fit(cfg)
     assert math.isfinite(result.val_loss) and result.steps == 12
+
+
+def test_auto_takes_sdpa_only_for_compiled_small_micro_batches(tmp_path: Path) -> None:
+    from trainer.config import FUSED_COMPILED_MIN_TOKENS
+    from trainer.loop import uses_fused_attention
+
+    task = write_task(tmp_path / "task.tsv")
+
+    def fused(**overrides: object) -> bool:
+        return uses_fused_attention(tiny_config(task, tmp_path / "run", **overrides))
+
+    big = FUSED_COMPILED_MIN_TOKENS
+    assert fused() and fused(**{"train.tokens_per_batch": 16384})  # eager: always
+    assert not fused(**{"train.compile": True, "train.tokens_per_batch": big // 4})
+    assert fused(**{"train.compile": True, "train.tokens_per_batch": big})
+    assert fused(**{"train.compile": True, "train.attention": "fused"})
+    assert not fused(**{"train.attention": "sdpa"})
