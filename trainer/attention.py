@@ -381,7 +381,7 @@ def _attention_backward(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     delta = torch.empty_like(lse)
     dout = dout.contiguous()
     common = (T, qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1))
-    if T <= ONE_TILE_MAX_T:
+    if T <= min(ONE_TILE_MAX_T, 128):  # its key tile, tile_width(T), must hold the row
         _backward_kernel[(B * n_heads,)](
             qkv, cos, sin, prefix, seed, out, dout, lse, dqkv, *common, **args,
             **_dropout_args(p), BLOCK_N=tile_width(T), **_compile_args(tiles, "bwd"))
