@@ -122,7 +122,7 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
         mask = attention_mask(torch.zeros_like(prefix), prefix, length, length)
         hs = mcfg.d_model // mcfg.n_heads
         if not sdpa and attention.available(device, hs):
-            mask = prefix  # as DecoderLM.forward does: the prefix ends go to the fused kernel
+            mask = prefix.to(torch.int32)  # as DecoderLM.forward does: for the fused kernel
         positions = torch.arange(length, device=device).expand(batch, length)
         angles = rotary_angles(positions, mcfg.d_model // mcfg.n_heads,
                                mcfg.rope_base)[:, :, None]

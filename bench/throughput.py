@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     step_tokens = args.step_tokens or (1024 if args.tiny else 131072)
     n_timed = args.steps or (3 if args.tiny else 10)
     # compiled: a loss recompile seen at step 4; eager: 6 steps (48 micro-batches at 16k) too,
-    # so the fused attention kernel's Triton compiles (one per tile width) are all warm-up
+    # so the fused attention kernels' Triton compiles (one per block shape) are all warm-up
     warm_eager, warm_compiled = (1, 2) if args.tiny else (6, 6)
 
     with_hf, hf_missing = not args.no_hf, None

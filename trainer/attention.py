@@ -89,6 +89,13 @@ if triton is not None:
                        mask=(t < T)[:, None], other=0.0)
 
     @triton.jit
+    def _head_rows(x, b, h, t, T, NH: tl.constexpr, HS: tl.constexpr):
+        """Rows ``t`` of head ``h`` of ``x`` (B, T, NH * HS): the output or its gradient."""
+        d = tl.arange(0, HS)
+        return tl.load(x + (b * T + t[:, None]) * (NH * HS) + h * HS + d[None, :],
+                       mask=(t < T)[:, None], other=0.0)
+
+    @triton.jit
     def _unrotate(g1, g2, cos, sin, b, t, T, s_cb, s_ct, HS: tl.constexpr):
         """The rotation's transpose: the gradient of rotated rows -> of the projection's."""
         d = tl.arange(0, HS // 2)
@@ -225,17 +232,14 @@ if triton is not None:
         v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
         end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)  # (a dummy without dropout)
-        dh = tl.arange(0, HS)
         dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dk2 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dv = tl.zeros((BLOCK_N, HS), tl.float32)
         for m0 in range(0, T, BLOCK_M):
             tq = m0 + tl.arange(0, BLOCK_M)
-            rows = (tq < T)[:, None]
             q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-            at = (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :]
-            do = tl.load(dout + at, mask=rows, other=0.0)
-            o = tl.load(out + at, mask=rows, other=0.0)
+            do = _head_rows(dout, b, h, tq, T, NH, HS)
+            o = _head_rows(out, b, h, tq, T, NH, HS)
             delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
             row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
             pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, 0, end, T,
@@ -261,12 +265,9 @@ if triton is not None:
         h = bh % NH
         m0 = tl.program_id(1) * BLOCK_M
         tq = m0 + tl.arange(0, BLOCK_M)
-        rows = (tq < T)[:, None]
         q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-        dh = tl.arange(0, HS)
-        at = (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :]
-        do = tl.load(dout + at, mask=rows, other=0.0)
-        o = tl.load(out + at, mask=rows, other=0.0)
+        do = _head_rows(dout, b, h, tq, T, NH, HS)
+        o = _head_rows(out, b, h, tq, T, NH, HS)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
         tl.store(delta_ptr + bh * T + tq, delta, mask=tq < T)
         row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
@@ -301,7 +302,6 @@ if triton is not None:
         v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
         end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)
-        dh = tl.arange(0, HS)
         dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dk2 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dv = tl.zeros((BLOCK_N, HS), tl.float32)
@@ -309,10 +309,8 @@ if triton is not None:
         lo = tl.where(n0 < end, 0, (n0 // BLOCK_M) * BLOCK_M)
         for m0 in range(lo, T, BLOCK_M):
             tq = m0 + tl.arange(0, BLOCK_M)
-            rows = (tq < T)[:, None]
             q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-            do = tl.load(dout + (b * T + tq[:, None]) * (NH * HS) + h * HS + dh[None, :],
-                         mask=rows, other=0.0)
+            do = _head_rows(dout, b, h, tq, T, NH, HS)
             row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
             delta = tl.load(delta_ptr + bh * T + tq, mask=tq < T, other=0.0)
             pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T,
@@ -381,17 +379,18 @@ def _attention_backward(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     delta = torch.empty_like(lse)
     dout = dout.contiguous()
     common = (T, qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1))
+    args.update(_dropout_args(p))
     if T <= min(ONE_TILE_MAX_T, 128):  # its key tile, tile_width(T), must hold the row
         _backward_kernel[(B * n_heads,)](
             qkv, cos, sin, prefix, seed, out, dout, lse, dqkv, *common, **args,
-            **_dropout_args(p), BLOCK_N=tile_width(T), **_compile_args(tiles, "bwd"))
+            BLOCK_N=tile_width(T), **_compile_args(tiles, "bwd"))
         return dqkv
     _dq_kernel[(B * n_heads, triton.cdiv(T, tiles["dq_m"]))](
         qkv, cos, sin, prefix, seed, out, dout, lse, delta, dqkv, *common, **args,
-        **_dropout_args(p), **_compile_args(tiles, "dq"))
+        **_compile_args(tiles, "dq"))
     _dkv_kernel[(B * n_heads, triton.cdiv(T, tiles["dkv_n"]))](
         qkv, cos, sin, prefix, seed, dout, lse, delta, dqkv, *common, **args,
-        **_dropout_args(p), **_compile_args(tiles, "dkv"))
+        **_compile_args(tiles, "dkv"))
     return dqkv
 
 
@@ -422,7 +421,8 @@ def fused_attention(qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] |
                     seed: torch.Tensor | None = None) -> torch.Tensor:
     """Attention output (B, T, C) for the qkv projection ``qkv`` (B, T, 3C) of right-padded
     rows; ``rope`` = (cos, sin) (B, T, 1, hs/2) or None; ``prefix_end`` (B,) int (zeros:
-    causal); ``seed`` (1,) int64 for the dropout (drawn when None)."""
+    causal; int32 saves a cast per call); ``seed`` (1,) int64 for the dropout (drawn when
+    None)."""
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     if rope is None:

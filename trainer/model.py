@@ -247,9 +247,10 @@ class DecoderLM(nn.Module):
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         mask: torch.Tensor | None
         if self.fused_attention:
-            # the kernel takes the prefix ends, not a (B, 1, T, T) mask; 0: causal
+            # the kernel takes the prefix ends (int32, cast once, not per layer), not a
+            # (B, 1, T, T) mask; 0: causal
             causal = self.cfg.attention_mask == "causal"
-            mask = torch.zeros_like(prefix_lens) if causal else prefix_lens
+            mask = (torch.zeros_like(prefix_lens) if causal else prefix_lens).to(torch.int32)
         elif self.cfg.attention_mask == "causal":
             mask = None  # right padding only follows real tokens: SDPA's is_causal fast path
         else:
