@@ -60,6 +60,10 @@ VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[st
     "rope_swap": ({"apply_rotary": rotary_swap}, {}, {}),
     "coordinate_descent": ({}, {}, {"coordinate_descent_tuning": True}),
     "cpp_wrapper": ({}, {}, {"cpp_wrapper": True}),
+    # Inductor's Triton matmul templates against cuBLAS, epilogues (bias, GELU) fused into the
+    # template where that benchmarks faster (benchmark_epilogue_fusion)
+    "max_autotune": ({}, {}, {"max_autotune": True}),
+    "max_autotune_gemm": ({}, {}, {"max_autotune_gemm": True}),
     "bf16_stream": ({"Block.residual": residual_bf16}, {}, {}),
     "no_rope": ({"apply_rotary": no_rotary}, {}, {}),
     "no_dropout": ({}, {"dropout": 0.0, "drop_path": 0.0}, {}),
