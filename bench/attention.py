@@ -7,7 +7,8 @@ Per row length, the same qkv projection output (B, T, 3C) of the report's shape 
   kernel: the only one taking a mask and dropout), the output transposed back;
 - ``fused``: ``trainer.attention.fused_attention``, under each block configuration of
   ``--sweep`` (queries and keys per block, warps; kernel by kernel), then with the best one and
-  with the current ``trainer.attention.TILES``.
+  with the current ``trainer.attention.TILES``; at rows of 65 to 64 + ``TAIL_MAX`` tokens also
+  without the one-kernel backward's tail tile (one tile of 128 keys).
 Forward and forward + backward, device time of ``--iters`` calls (their kernels' time summed by
 the profiler: the host's launch overhead is not counted), eager (the compiled block calls both
 the same way: an opaque custom op and SDPA's kernels). The best blocks per
@@ -149,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         attention.TILES.clear()
         attention.TILES.update(saved)
         default = both(attention.fused_attention)
+        one_tile = None
+        if 64 < T <= 64 + attention.TAIL_MAX:  # what the backward's tail tile of keys gains
+            saved_tail, attention.TAIL_MAX = attention.TAIL_MAX, 0
+            try:
+                one_tile = both(attention.fused_attention)
+            finally:
+                attention.TAIL_MAX = saved_tail
         results[str(T)] = {
             "batch": B, "tile_width": width, "sdpa": {k: round(v, 3) for k, v in ref.items()},
             "fused_best_tiles": best,
@@ -157,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_fwd": round(ref["fwd_ms"] / fused["fwd_ms"], 3),
             "speedup_fwd_bwd": round(ref["fwd_bwd_ms"] / fused["fwd_bwd_ms"], 3),
             "speedup_fwd_bwd_current_tiles": round(ref["fwd_bwd_ms"] / default["fwd_bwd_ms"], 3),
+            **({"fused_current_tiles_without_tail": {k: round(v, 3)
+                                                     for k, v in one_tile.items()},
+                "tail_speedup_fwd_bwd": round(one_tile["fwd_bwd_ms"] / default["fwd_bwd_ms"],
+                                              3)} if one_tile else {}),
             "sweep_ms": {kernel: {k: round(v, 3) for k, v in t.items()}
                          for kernel, t in times.items()},
         }

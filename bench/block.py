@@ -46,6 +46,16 @@ def residual_bf16(self: Any, x: torch.Tensor, branch: torch.Tensor, norm: Any) -
     return out.to(torch.bfloat16)
 
 
+def inductor_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """The residual branches' dropout as Inductor lowers ``F.dropout`` (one Philox call per
+    element), not with ``trainer.dropout``'s mask kernel."""
+    return torch.nn.functional.dropout(x, p, training)
+
+
+def no_dropout_fn(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return x
+
+
 def no_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pairs: str = ""
               ) -> torch.Tensor:
     return x
@@ -65,6 +75,8 @@ VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[st
     "max_autotune": ({}, {}, {"max_autotune": True}),
     "max_autotune_gemm": ({}, {}, {"max_autotune_gemm": True}),
     "bf16_stream": ({"Block.residual": residual_bf16}, {}, {}),
+    "inductor_dropout": ({"dropout": inductor_dropout}, {}, {}),
+    "no_residual_dropout": ({"dropout": no_dropout_fn}, {}, {}),
     "no_rope": ({"apply_rotary": no_rotary}, {}, {}),
     "no_dropout": ({}, {"dropout": 0.0, "drop_path": 0.0}, {}),
 }

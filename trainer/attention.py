@@ -48,6 +48,9 @@ def tile_width(T: int) -> int:
 
 
 ONE_TILE_MAX_T = 128  # rows up to this long take the one-kernel backward (_backward_kernel)
+# ... which holds rows of 65 to 64 + TAIL_MAX tokens in a 64-key tile and a 16- or 32-key
+# tail (0: one tile of tile_width(T) keys)
+TAIL_MAX = 32
 
 # block shapes per ``tile_width``: queries (m) and keys (n) per block and warps of the
 # forward (fwd_), the one-kernel backward (bwd_: queries per step; its keys are the row), the
@@ -219,10 +222,13 @@ if triton is not None:
     def _backward_kernel(qkv, cos, sin, prefix, seed_ptr, out, dout, lse, dqkv, T, s_b, s_t,
                          s_cb, s_ct, scale, p_drop, threshold, NH: tl.constexpr,
                          HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         ROPE: tl.constexpr, DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-        """The whole backward of rows of <= ``BLOCK_N`` tokens: one program per (row, head)
-        holds every key with its dk and dv and takes queries ``BLOCK_M`` at a time (faster
-        there than dq and dk/dv apart: each score is computed once)."""
+                         TAIL_N: tl.constexpr, ROPE: tl.constexpr, DROPOUT: tl.constexpr,
+                         PRECISION: tl.constexpr):
+        """The whole backward of rows of <= ``BLOCK_N + TAIL_N`` tokens: one program per (row,
+        head) holds every key with its dk and dv, keys 0..BLOCK_N-1 in one tile and, with
+        ``TAIL_N`` > 0, the next ``TAIL_N`` in a second one (a row of 66 tokens: 64 + 16 keys,
+        not 128), and takes queries ``BLOCK_M`` at a time (faster there than dq and dk/dv
+        apart: each score is computed once)."""
         HALF: tl.constexpr = HS // 2
         bh = tl.program_id(0)
         b = bh // NH
@@ -235,6 +241,14 @@ if triton is not None:
         dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dk2 = tl.zeros((BLOCK_N, HALF), tl.float32)
         dv = tl.zeros((BLOCK_N, HS), tl.float32)
+        if TAIL_N > 0:
+            tk_t = BLOCK_N + tl.arange(0, TAIL_N)
+            k1_t, k2_t = _rows(qkv, cos, sin, b, h, tk_t, T, s_b, s_t, s_cb, s_ct, 1, NH, HS,
+                               ROPE)
+            v_t = _values(qkv, b, h, tk_t, T, s_b, s_t, NH, HS)
+            dk1_t = tl.zeros((TAIL_N, HALF), tl.float32)
+            dk2_t = tl.zeros((TAIL_N, HALF), tl.float32)
+            dv_t = tl.zeros((TAIL_N, HS), tl.float32)
         for m0 in range(0, T, BLOCK_M):
             tq = m0 + tl.arange(0, BLOCK_M)
             q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
@@ -247,10 +261,24 @@ if triton is not None:
             dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
             dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
             dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
-            _store_dq(dqkv, tl.dot(ds, k1, input_precision=PRECISION),
-                      tl.dot(ds, k2, input_precision=PRECISION), cos, sin, b, h, tq, T, s_cb,
-                      s_ct, NH, HS, ROPE)
+            dq1 = tl.dot(ds, k1, input_precision=PRECISION)
+            dq2 = tl.dot(ds, k2, input_precision=PRECISION)
+            # the tail's keys are hidden from queries before them and past the prefix
+            if TAIL_N > 0:
+                if (m0 + BLOCK_M > BLOCK_N) | (end > BLOCK_N):
+                    pd, ds = _dscores(q1, q2, k1_t, k2_t, v_t, do, row_lse, delta, seed, bh,
+                                      tq, BLOCK_N, end, T, scale, p_drop, threshold, BLOCK_M,
+                                      TAIL_N, DROPOUT, PRECISION)
+                    dv_t += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+                    dk1_t += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
+                    dk2_t += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
+                    dq1 += tl.dot(ds, k1_t, input_precision=PRECISION)
+                    dq2 += tl.dot(ds, k2_t, input_precision=PRECISION)
+            _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH, HS, ROPE)
         _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH, HS, ROPE)
+        if TAIL_N > 0:
+            _store_dkv(dqkv, dk1_t, dk2_t, dv_t, cos, sin, b, h, tk_t, T, s_cb, s_ct, NH, HS,
+                       ROPE)
 
     @triton.jit(do_not_specialize=["T"])
     def _dq_kernel(qkv, cos, sin, prefix, seed_ptr, out, dout, lse, delta_ptr, dqkv, T, s_b,
@@ -380,10 +408,11 @@ def _attention_backward(dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
     dout = dout.contiguous()
     common = (T, qkv.stride(0), qkv.stride(1), cos.stride(0), cos.stride(1))
     args.update(_dropout_args(p))
-    if T <= min(ONE_TILE_MAX_T, 128):  # its key tile, tile_width(T), must hold the row
+    if T <= min(ONE_TILE_MAX_T, 128):  # its key tiles must hold the row
+        keys, tail = (64, tile_width(T - 64)) if 64 < T <= 64 + TAIL_MAX else (tile_width(T), 0)
         _backward_kernel[(B * n_heads,)](
             qkv, cos, sin, prefix, seed, out, dout, lse, dqkv, *common, **args,
-            BLOCK_N=tile_width(T), **_compile_args(tiles, "bwd"))
+            BLOCK_N=keys, TAIL_N=tail, **_compile_args(tiles, "bwd"))
         return dqkv
     _dq_kernel[(B * n_heads, triton.cdiv(T, tiles["dq_m"]))](
         qkv, cos, sin, prefix, seed, out, dout, lse, delta, dqkv, *common, **args,

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trainer import attention
 from trainer.config import ModelConfig
+from trainer.dropout import dropout
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
 
@@ -176,10 +177,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        branch = self.dropout(branch)
+        # compiled for a GPU: the mask from trainer.dropout's kernel, not Inductor's
+        branch = dropout(branch, self.dropout, self.training)
         if self.stochastic_depth:
             branch = drop_path(branch, self.drop_path_p, self.training)
         x = x + branch

@@ -67,20 +67,42 @@ def test_matches_sdpa_with_the_prefix_mask(rope: bool, T: int, tiles: dict,
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("tiles", [{}, MIXED])
+@pytest.mark.parametrize("T", [70, 96, 100])
+def test_the_one_kernel_backward_with_a_tail_tile_matches_sdpa(T: int) -> None:
+    # 70 and 96: keys in a 64-key tile and a 16- or 32-key tail; 100: one tile of 128
+    cfg = ModelConfig(d_model=64, n_heads=2, dropout=0.0)
+    torch.manual_seed(0)
+    attn = SelfAttention(cfg, layer=0).to(DEVICE)
+    x, prefix, angles = _inputs(2, T, cfg)
+    prefix[1] = 66  # a prefix that reaches into the tail
+    mask = attention_mask(torch.zeros_like(prefix), prefix, T, T)
+    outs, grads = [], []
+    for m in (mask, prefix):
+        xi = x.clone().requires_grad_()
+        y = attn(xi, angles, m, None)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([xi.grad.flatten()]  # type: ignore[union-attr]
+                               + [p.grad.flatten() for p in attn.parameters()]))
+        attn.zero_grad()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("tiles", "T"), [({}, 40), (MIXED, 40), ({}, 80)])
 def test_dropout_keeps_the_expected_share_and_its_gradient_is_exact(
-        tiles: dict, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the forward, the one-kernel backward and (MIXED) the two backward kernels tile
-    # differently; the mask they regenerate must be the same (else the gradient is not the
-    # output's)
+        tiles: dict, T: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the forward, the one-kernel backward (at T = 80 with a tail tile of keys) and (MIXED)
+    # the two backward kernels tile differently; the mask they regenerate must be the same
+    # (else the gradient is not the output's)
     _use_tiles(monkeypatch, tiles)
-    B, T, nh, hs = 4, 40, 2, 32
+    B, nh, hs = 4, 2, 32
     qkv = torch.zeros(B, T, 3 * nh * hs, device=DEVICE)
     qkv[..., 2 * nh * hs:] = 1.0  # q = k = 0: uniform attention; v = 1: out = kept share
     prefix = torch.full((B,), T, device=DEVICE)  # every key visible
     seed = torch.tensor([7], device=DEVICE)
     out = attention.fused_attention(qkv, None, prefix, nh, 0.25, seed)
-    kept = (out * 0.75).mean().item()  # mean of kept/T over 4*2*40 rows of 40 keys
+    kept = (out * 0.75).mean().item()  # mean of kept/T over 4*2*T rows of T keys
     assert abs(kept - 0.75) < 0.02
     assert torch.equal(out, attention.fused_attention(qkv, None, prefix, nh, 0.25, seed))
     assert not torch.equal(out, attention.fused_attention(
