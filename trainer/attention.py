@@ -266,14 +266,14 @@ if triton is not None:
             # the tail's keys are hidden from queries before them and past the prefix
             if TAIL_N > 0:
                 if (m0 + BLOCK_M > BLOCK_N) | (end > BLOCK_N):
-                    pd, ds = _dscores(q1, q2, k1_t, k2_t, v_t, do, row_lse, delta, seed, bh,
-                                      tq, BLOCK_N, end, T, scale, p_drop, threshold, BLOCK_M,
-                                      TAIL_N, DROPOUT, PRECISION)
-                    dv_t += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-                    dk1_t += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
-                    dk2_t += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
-                    dq1 += tl.dot(ds, k1_t, input_precision=PRECISION)
-                    dq2 += tl.dot(ds, k2_t, input_precision=PRECISION)
+                    pd_t, ds_t = _dscores(q1, q2, k1_t, k2_t, v_t, do, row_lse, delta, seed,
+                                          bh, tq, BLOCK_N, end, T, scale, p_drop, threshold,
+                                          BLOCK_M, TAIL_N, DROPOUT, PRECISION)
+                    dv_t += tl.dot(tl.trans(pd_t.to(do.dtype)), do, input_precision=PRECISION)
+                    dk1_t += tl.dot(tl.trans(ds_t), q1, input_precision=PRECISION)
+                    dk2_t += tl.dot(tl.trans(ds_t), q2, input_precision=PRECISION)
+                    dq1 += tl.dot(ds_t, k1_t, input_precision=PRECISION)
+                    dq2 += tl.dot(ds_t, k2_t, input_precision=PRECISION)
             _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH, HS, ROPE)
         _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH, HS, ROPE)
         if TAIL_N > 0:
