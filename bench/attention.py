@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                    "bwd_m=16,32,64;bwd_warps=4,8;"
                    "dq_m=32,64;dq_n=32,64;dq_warps=4,8;dkv_m=32,64;dkv_n=32,64;dkv_warps=4,8",
                    help="block values to try, key=v1,v2;... (keys of trainer.attention."
-                   "DEFAULT_TILES, and fwd_stages, bwd_stages...); swept kernel by kernel: "
-                   "forward (forward times), then the backward's (forward + backward)")
+                   "DEFAULT_TILES, and fwd_stages, bwd_maxnreg...; 0: the default); swept "
+                   "kernel by kernel: forward (forward times), then the backward's (forward + "
+                   "backward)")
     args = p.parse_args(argv)
     common.setup_logging()
     from trainer import attention

@@ -363,12 +363,15 @@ def _launch_args(qkv: torch.Tensor, n_heads: int, rope: bool
 
 
 def _compile_args(tiles: dict[str, int], kernel: str) -> dict[str, int]:
-    """Blocks, warps (and pipeline stages where ``tiles`` names them) of ``kernel``."""
+    """Blocks, warps (and pipeline stages, a register cap, where ``tiles`` names them and not
+    0) of ``kernel``. A cap (``maxnreg``) trades spills for programs per SM: the kernels are
+    latency-bound, and at 4 warps 177 registers a thread hold 2 programs per SM, 128 hold 4."""
     out = {"BLOCK_M": tiles[f"{kernel}_m"], "num_warps": tiles[f"{kernel}_warps"]}
     if f"{kernel}_n" in tiles:
         out["BLOCK_N"] = tiles[f"{kernel}_n"]
-    if f"{kernel}_stages" in tiles:
-        out["num_stages"] = tiles[f"{kernel}_stages"]
+    for key, option in (("stages", "num_stages"), ("maxnreg", "maxnreg")):
+        if tiles.get(f"{kernel}_{key}"):
+            out[option] = tiles[f"{kernel}_{key}"]
     return out
 
 

@@ -30,7 +30,8 @@ def _inputs(B: int, T: int, cfg: ModelConfig, seed: int = 0) -> tuple:
 
 
 SMALL = {f"{k}_{mn}": 16 for k in ("fwd", "dq", "dkv") for mn in "mn"}
-MIXED = {"fwd_m": 32, "fwd_n": 16, "dq_m": 16, "dq_n": 32, "dkv_m": 32, "dkv_n": 16}
+MIXED = {"fwd_m": 32, "fwd_n": 16, "dq_m": 16, "dq_n": 32, "dkv_m": 32, "dkv_n": 16,
+         "fwd_maxnreg": 128, "dq_maxnreg": 128, "dkv_maxnreg": 168}  # caps: on a GPU
 
 
 def _use_tiles(monkeypatch: pytest.MonkeyPatch, tiles: dict) -> None:
