@@ -35,7 +35,7 @@ if triton is not None:
         """``out[i]`` = draw(i) >= threshold for the ``BLOCK`` elements of this program: Philox
         counter ``i // 8`` gives four 32-bit numbers, each split into two 16-bit draws."""
         G: tl.constexpr = BLOCK // 8
-        pid = tl.program_id(0)
+        pid = tl.program_id(0).to(tl.int64)  # masks of >= 2**31 elements index past int32
         seed = tl.load(seed_ptr)
         r0, r1, r2, r3 = tl.randint4x(seed, pid * G + tl.arange(0, G))
         r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BLOCK // 2,))
