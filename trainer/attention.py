@@ -93,6 +93,13 @@ if triton is not None:
                        mask=(t < T)[:, None], other=0.0)
 
     @triton.jit
+    def _keys(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, NH: tl.constexpr,
+              HS: tl.constexpr, ROPE: tl.constexpr):
+        """Keys ``tk`` of head ``h``: k as two rotated halves, and v."""
+        k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
+        return k1, k2, _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+
+    @triton.jit
     def _head_rows(x, b, h, t, T, NH: tl.constexpr, HS: tl.constexpr):
         """Rows ``t`` of head ``h`` of ``x`` (B, T, NH * HS): the output or its gradient."""
         d = tl.arange(0, HS)
@@ -152,8 +159,7 @@ if triton is not None:
         hi = tl.minimum(T, tl.maximum(end, m0 + BLOCK_M))  # keys past it are hidden
         for n0 in range(0, hi, BLOCK_N):
             tk = n0 + tl.arange(0, BLOCK_N)
-            k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-            v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+            k1, k2, v = _keys(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
             s, visible = _scores(q1, q2, k1, k2, tq, tk, end, T, scale, PRECISION)
             s = tl.where(visible, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -191,6 +197,27 @@ if triton is not None:
             pd = p
         ds = (p * (dp - delta[:, None]) * scale).to(do.dtype)
         return pd, ds
+
+    @triton.jit
+    def _queries(qkv, cos, sin, out, dout, lse, bh, b, h, tq, T, s_b, s_t, s_cb, s_ct,
+                 NH: tl.constexpr, HS: tl.constexpr, ROPE: tl.constexpr):
+        """Queries ``tq`` of head ``h`` as the backward needs them: q (two rotated halves),
+        their output's gradient, rowsum(dO * O) and the forward's log-sum-exp."""
+        q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
+        do = _head_rows(dout, b, h, tq, T, NH, HS)
+        o = _head_rows(out, b, h, tq, T, NH, HS)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
+        return q1, q2, do, delta, row_lse
+
+    @triton.jit
+    def _add_dkv(dk1, dk2, dv, pd, ds, q1, q2, do, PRECISION: tl.constexpr):
+        """dk (two halves) and dv plus what queries (q1, q2, dO) give them through the
+        dropped-out probabilities ``pd`` and the scores' gradient ``ds``."""
+        dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
+        dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
+        dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
+        return dk1, dk2, dv
 
     @triton.jit
     def _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH: tl.constexpr,
@@ -235,8 +262,7 @@ if triton is not None:
         b = bh // NH
         h = bh % NH
         tk = tl.arange(0, BLOCK_N)
-        k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-        v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+        k1, k2, v = _keys(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
         end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)  # (a dummy without dropout)
         dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
@@ -244,24 +270,18 @@ if triton is not None:
         dv = tl.zeros((BLOCK_N, HS), tl.float32)
         if TAIL_N > 0:
             tk_t = BLOCK_N + tl.arange(0, TAIL_N)
-            k1_t, k2_t = _rows(qkv, cos, sin, b, h, tk_t, T, s_b, s_t, s_cb, s_ct, 1, NH, HS,
-                               ROPE)
-            v_t = _values(qkv, b, h, tk_t, T, s_b, s_t, NH, HS)
+            k1_t, k2_t, v_t = _keys(qkv, cos, sin, b, h, tk_t, T, s_b, s_t, s_cb, s_ct, NH, HS,
+                                    ROPE)
             dk1_t = tl.zeros((TAIL_N, HALF), tl.float32)
             dk2_t = tl.zeros((TAIL_N, HALF), tl.float32)
             dv_t = tl.zeros((TAIL_N, HS), tl.float32)
         for m0 in range(0, T, BLOCK_M):
             tq = m0 + tl.arange(0, BLOCK_M)
-            q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-            do = _head_rows(dout, b, h, tq, T, NH, HS)
-            o = _head_rows(out, b, h, tq, T, NH, HS)
-            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # rowsum(dO * O)
-            row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
+            q1, q2, do, delta, row_lse = _queries(qkv, cos, sin, out, dout, lse, bh, b, h, tq,
+                                                  T, s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
             pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, 0, end, T,
                               scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-            dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
-            dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
+            dk1, dk2, dv = _add_dkv(dk1, dk2, dv, pd, ds, q1, q2, do, PRECISION)
             dq1 = tl.dot(ds, k1, input_precision=PRECISION)
             dq2 = tl.dot(ds, k2, input_precision=PRECISION)
             # the tail's keys are hidden from queries before them and past the prefix
@@ -270,9 +290,8 @@ if triton is not None:
                     pd_t, ds_t = _dscores(q1, q2, k1_t, k2_t, v_t, do, row_lse, delta, seed,
                                           bh, tq, BLOCK_N, end, T, scale, p_drop, threshold,
                                           BLOCK_M, TAIL_N, DROPOUT, PRECISION)
-                    dv_t += tl.dot(tl.trans(pd_t.to(do.dtype)), do, input_precision=PRECISION)
-                    dk1_t += tl.dot(tl.trans(ds_t), q1, input_precision=PRECISION)
-                    dk2_t += tl.dot(tl.trans(ds_t), q2, input_precision=PRECISION)
+                    dk1_t, dk2_t, dv_t = _add_dkv(dk1_t, dk2_t, dv_t, pd_t, ds_t, q1, q2, do,
+                                                  PRECISION)
                     dq1 += tl.dot(ds_t, k1_t, input_precision=PRECISION)
                     dq2 += tl.dot(ds_t, k2_t, input_precision=PRECISION)
             _store_dq(dqkv, dq1, dq2, cos, sin, b, h, tq, T, s_cb, s_ct, NH, HS, ROPE)
@@ -294,12 +313,9 @@ if triton is not None:
         h = bh % NH
         m0 = tl.program_id(1) * BLOCK_M
         tq = m0 + tl.arange(0, BLOCK_M)
-        q1, q2 = _rows(qkv, cos, sin, b, h, tq, T, s_b, s_t, s_cb, s_ct, 0, NH, HS, ROPE)
-        do = _head_rows(dout, b, h, tq, T, NH, HS)
-        o = _head_rows(out, b, h, tq, T, NH, HS)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        q1, q2, do, delta, row_lse = _queries(qkv, cos, sin, out, dout, lse, bh, b, h, tq, T,
+                                              s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
         tl.store(delta_ptr + bh * T + tq, delta, mask=tq < T)
-        row_lse = tl.load(lse + bh * T + tq, mask=tq < T, other=0.0)
         end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)
         dq1 = tl.zeros((BLOCK_M, HALF), tl.float32)
@@ -307,8 +323,7 @@ if triton is not None:
         hi = tl.minimum(T, tl.maximum(end, m0 + BLOCK_M))
         for n0 in range(0, hi, BLOCK_N):
             tk = n0 + tl.arange(0, BLOCK_N)
-            k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-            v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+            k1, k2, v = _keys(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
             _, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T,
                              scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
             dq1 += tl.dot(ds, k1, input_precision=PRECISION)
@@ -327,8 +342,7 @@ if triton is not None:
         h = bh % NH
         n0 = tl.program_id(1) * BLOCK_N
         tk = n0 + tl.arange(0, BLOCK_N)
-        k1, k2 = _rows(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, 1, NH, HS, ROPE)
-        v = _values(qkv, b, h, tk, T, s_b, s_t, NH, HS)
+        k1, k2, v = _keys(qkv, cos, sin, b, h, tk, T, s_b, s_t, s_cb, s_ct, NH, HS, ROPE)
         end = tl.load(prefix + b)
         seed = tl.load(seed_ptr)
         dk1 = tl.zeros((BLOCK_N, HALF), tl.float32)
@@ -344,9 +358,7 @@ if triton is not None:
             delta = tl.load(delta_ptr + bh * T + tq, mask=tq < T, other=0.0)
             pd, ds = _dscores(q1, q2, k1, k2, v, do, row_lse, delta, seed, bh, tq, n0, end, T,
                               scale, p_drop, threshold, BLOCK_M, BLOCK_N, DROPOUT, PRECISION)
-            dv += tl.dot(tl.trans(pd.to(do.dtype)), do, input_precision=PRECISION)
-            dk1 += tl.dot(tl.trans(ds), q1, input_precision=PRECISION)
-            dk2 += tl.dot(tl.trans(ds), q2, input_precision=PRECISION)
+            dk1, dk2, dv = _add_dkv(dk1, dk2, dv, pd, ds, q1, q2, do, PRECISION)
         _store_dkv(dqkv, dk1, dk2, dv, cos, sin, b, h, tk, T, s_cb, s_ct, NH, HS, ROPE)
 
 
