@@ -41,6 +41,25 @@ def _use_tiles(monkeypatch: pytest.MonkeyPatch, tiles: dict) -> None:
         monkeypatch.setattr(attention, "ONE_TILE_MAX_T", 0)
 
 
+def _assert_kernel_matches_sdpa(attn: SelfAttention, x: torch.Tensor, prefix: torch.Tensor,
+                                angles: tuple | None) -> None:
+    """The output and every gradient (input, parameters) of ``attn`` on SDPA with a
+    (B, 1, T, T) mask and on the kernel with the prefix ends (B,) agree."""
+    T = x.size(1)
+    mask = attention_mask(torch.zeros_like(prefix), prefix, T, T)
+    outs, grads = [], []
+    for m in (mask, prefix):
+        xi = x.clone().requires_grad_()
+        y = attn(xi, angles, m, None)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(torch.cat([xi.grad.flatten()]  # type: ignore[union-attr]
+                               + [p.grad.flatten() for p in attn.parameters()]))
+        attn.zero_grad()
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("tiles", [{}, SMALL, MIXED])
 @pytest.mark.parametrize("rope", [True, False])
 @pytest.mark.parametrize("T", [7, 33])
@@ -54,18 +73,7 @@ def test_matches_sdpa_with_the_prefix_mask(rope: bool, T: int, tiles: dict,
     torch.manual_seed(0)
     attn = SelfAttention(cfg, layer=0).to(DEVICE)
     x, prefix, angles = _inputs(3, T, cfg)
-    mask = attention_mask(torch.zeros_like(prefix), prefix, T, T)
-    outs, grads = [], []
-    for m in (mask, prefix):  # a (B, 1, T, T) mask: SDPA; the prefix ends (B,): the kernel
-        xi = x.clone().requires_grad_()
-        y = attn(xi, angles if rope else None, m, None)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append(torch.cat([xi.grad.flatten()]  # type: ignore[union-attr]
-                               + [p.grad.flatten() for p in attn.parameters()]))
-        attn.zero_grad()
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    _assert_kernel_matches_sdpa(attn, x, prefix, angles if rope else None)
 
 
 @pytest.mark.parametrize("T", [70, 96, 100])
@@ -76,18 +84,7 @@ def test_the_one_kernel_backward_with_a_tail_tile_matches_sdpa(T: int) -> None:
     attn = SelfAttention(cfg, layer=0).to(DEVICE)
     x, prefix, angles = _inputs(2, T, cfg)
     prefix[1] = 66  # a prefix that reaches into the tail
-    mask = attention_mask(torch.zeros_like(prefix), prefix, T, T)
-    outs, grads = [], []
-    for m in (mask, prefix):
-        xi = x.clone().requires_grad_()
-        y = attn(xi, angles, m, None)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append(torch.cat([xi.grad.flatten()]  # type: ignore[union-attr]
-                               + [p.grad.flatten() for p in attn.parameters()]))
-        attn.zero_grad()
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-4)
+    _assert_kernel_matches_sdpa(attn, x, prefix, angles)
 
 
 @pytest.mark.parametrize(("tiles", "T"), [({}, 40), (MIXED, 40), ({}, 80)])
