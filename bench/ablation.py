@@ -26,6 +26,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sinusoid": {"model.positional": "sinusoidal"},
     "no_label_smoothing": {"optim.label_smoothing": 0.0},
     "six_layers": {"model.n_layers": 6},
+    "fp32_residual": {"train.fp32_residual": True},  # the residual stream as autocast leaves it
 }
 
 

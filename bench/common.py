@@ -491,7 +491,9 @@ def profile_ops(fn: Any, top: int = 15) -> dict[str, Any]:
 
 # kinds of CUDA kernels for profile_ops (first match wins)
 KERNEL_KINDS = [
-    ("attention", r"fmha|flash|attention"),
+    ("attention", r"fmha|flash|attention|^_forward_kernel|^_backward_kernel|^_dq_kernel"
+                  r"|^_dkv_kernel"),
+    ("dropout_mask", r"^_mask_kernel"),
     ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|cublas"),
     ("optimizer_ema", r"multi_tensor|fused_adam|foreach|lerp"),
     ("triton_fused", r"^triton_"),

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 from bench import common
+from trainer.config import parse_override
+from trainer.errors import ConfigError
 
 log = logging.getLogger("bench.throughput")
 
@@ -61,17 +63,19 @@ class Variant:
     micro_tokens: int
     mask: str = "prefix"  # ours only: the recipe's prefix-LM mask, or plain causal
     attention: str = "fused"  # ours only: train.attention (the fused kernel or SDPA)
+    overrides: tuple[tuple[str, Any], ...] = ()  # ours only: config keys set (--also)
 
     @property
     def name(self) -> str:
         mode = "compiled" if self.compiled else "eager"
         extra = "_causal" if self.model == "ours" and self.mask == "causal" else ""
         extra += "_sdpa" if self.model == "ours" and self.attention == "sdpa" else ""
-        return f"{self.model}{extra}_{mode}_{size_label(self.micro_tokens)}"
+        also = "".join(f"+{k}={v}" for k, v in self.overrides)
+        return f"{self.model}{extra}_{mode}_{size_label(self.micro_tokens)}{also}"
 
 
 def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool,
-         sdpa: bool = False) -> list[Variant]:
+         sdpa: bool = False, also: list[dict[str, Any]] | None = None) -> list[Variant]:
     """Variants in the order they run: what the targets need first, so a tight budget drops
     the extras (larger micro-batches, compiled extras, the causal-mask diagnostic) first."""
     models = ["ours", "hf"] if with_hf else ["ours"]
@@ -79,6 +83,7 @@ def plan(sizes: list[int], compile_sizes: list[int], with_hf: bool, causal: bool
     order = [Variant(m, False, first) for m in models]
     if first in compile_sizes:
         order += [Variant(m, True, first) for m in models]
+        order += [Variant("ours", True, first, overrides=tuple(o.items())) for o in also or []]
     for size in sorted(rest, reverse=True):
         order += [Variant(m, False, size) for m in models]
         if size in compile_sizes:
@@ -130,12 +135,12 @@ def model_flops(batch: Any, shape: dict[str, int], with_head: bool = True) -> fl
 
 def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: list[list[Any]],
             shape: dict[str, int], deadline: common.Deadline,
-            flush: Callable[[], None] = lambda: None, profile: bool = False) -> dict[str, Any]:
+            flush: Callable[[], None] = lambda: None, profile: int = 0) -> dict[str, Any]:
     """Run the warm-up steps, time one step alone (between two synchronisations), then as many
     of the rest as the deadline allows back to back, as a training loop runs them: one
     synchronisation before and one after, ``flush`` (the host's wait for a lagging step)
-    inside the timed span. ``profile``: two more steps under torch.profiler
-    (``common.profile_ops``: device busy fraction, top kernels)."""
+    inside the timed span. ``profile`` > 0: two more steps under torch.profiler
+    (``common.profile_ops``: device busy fraction, the top ``profile`` kernels)."""
     def span(steps: list[list[Any]]) -> float:  # seconds from idle device to idle device
         common.synchronize()
         t0 = time.perf_counter()
@@ -182,7 +187,7 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
             for batches in run[:2]:
                 step(batches)
             flush()
-        out["profile"] = common.profile_ops(two_steps, top=20)
+        out["profile"] = common.profile_ops(two_steps, top=profile)
     return out
 
 
@@ -192,7 +197,7 @@ def _graphs() -> int:
 
 
 def run_ours(cfg: Any, variant: Variant, warmup: list[list[Any]], timed: list[list[Any]],
-             shape: dict[str, int], deadline: common.Deadline, profile: bool = False
+             shape: dict[str, int], deadline: common.Deadline, profile: int = 0
              ) -> dict[str, Any]:
     """The trainer's step, exactly as ``fit`` calls it (the step counter advances as in fit)."""
     run = common.trainer_run(cfg)
@@ -238,7 +243,7 @@ def build_hf(cfg: Any, vocab: int, device: torch.device) -> torch.nn.Module:
 
 def run_hf(cfg: Any, variant: Variant, vocab: int, amp_dtype: torch.dtype | None,
            warmup: list[list[Any]], timed: list[list[Any]], shape: dict[str, int],
-           deadline: common.Deadline, profile: bool = False) -> dict[str, Any]:
+           deadline: common.Deadline, profile: int = 0) -> dict[str, Any]:
     """A plain PyTorch training step around HF GPTNeoX (see the module docstring)."""
     device = torch.device("cuda" if common.on_gpu() else "cpu")
     model = build_hf(cfg, vocab, device)
@@ -288,7 +293,13 @@ def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[st
         hf = {m: tps(f"hf_{m}_{k}") for m in ("eager", "compiled")}
         best = max((v for v in ours.values() if v), default=None)
         row: dict[str, Any] = {"ours_best_tokens_per_s": best}
-        for ours_mode, ours_v in (*ours.items(), ("best", best)):
+        also = {n[len("ours_compiled_"):]: r["tokens_per_s"] for n, r in results.items()
+                if n.startswith(f"ours_compiled_{k}+") and "tokens_per_s" in r}
+        for n, v in also.items():  # the variant against the default, same run
+            if ours["compiled"]:
+                row[f"ours_compiled_{n}_vs_ours_compiled"] = round(v / ours["compiled"], 3)
+        for ours_mode, ours_v in (*ours.items(), ("best", best),
+                                  *((f"compiled_{n}", v) for n, v in also.items())):
             for hf_mode, hf_v in hf.items():
                 if ours_v and hf_v:
                     row[f"ours_{ours_mode}_vs_hf_{hf_mode}"] = round(ours_v / hf_v, 3)
@@ -353,9 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdpa", action="store_true",
                    help="also run ours with train.attention: sdpa at each size, last (what "
                    "the fused attention kernel gains, same run)")
+    p.add_argument("--also", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="also run ours compiled at the first compiled size with these config "
+                   "keys set (e.g. train.compile_tuning=true); repeatable, one variant each; "
+                   "not counted in ours_best or the verdict")
     p.add_argument("--profile", action="store_true",
                    help="profile two steps of each variant (torch.profiler): the device's busy "
                    "fraction and the top kernels, in the JSON")
+    p.add_argument("--profile-top", type=int, default=20,
+                   help="kernels and host operators listed per profiled variant (default 20)")
     p.add_argument("--budget-s", type=float, default=240.0,
                    help="wall-clock budget: variants that would not fit are skipped (default 240)")
     args = p.parse_args(argv)
@@ -380,7 +397,12 @@ def main(argv: list[str] | None = None) -> int:
 
     wd = common.work_dir(args, "throughput")
     base_cfg, corpus = common.recipe(args, wd, {"train.compile": False})
-    variants = plan(sizes, compile_sizes, with_hf, not args.no_causal, args.sdpa)
+    profile = args.profile_top if args.profile else 0
+    try:
+        also = [dict(parse_override(kv) for kv in a.split(",")) for a in args.also]
+    except ConfigError as e:
+        p.error(f"--also: {e}")
+    variants = plan(sizes, compile_sizes, with_hf, not args.no_causal, args.sdpa, also)
     config = {
         "corpus": corpus, "batches": "real token-budget batches of the training split "
         "(length-bucketed, shuffled, seed 1234), the same for every variant",
@@ -417,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = common.apply(base_cfg, {"train.tokens_per_batch": v.micro_tokens,
                                       "train.grad_accum": accum, "train.compile": v.compiled,
                                       "model.attention_mask": v.mask,
-                                      "train.attention": v.attention})
+                                      "train.attention": v.attention,
+                                      **dict(v.overrides)})
         steps = step_batches(data, v.micro_tokens, accum, warm_compiled + n_timed,
                              base_cfg.train.seed)
         warmup = steps[:warm_compiled if v.compiled else warm_eager]
@@ -430,10 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         _reset_memory()
         try:
             if v.model == "ours":
-                r = run_ours(cfg, v, warmup, timed, shape, deadline, args.profile)
+                r = run_ours(cfg, v, warmup, timed, shape, deadline, profile)
             else:
                 amp = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else None
-                r = run_hf(cfg, v, vocab, amp, warmup, timed, shape, deadline, args.profile)
+                r = run_hf(cfg, v, vocab, amp, warmup, timed, shape, deadline, profile)
         except Exception as e:  # OOM, a compiler error: record it, measure the next variant
             log.exception("%s failed", v.name)
             r = {"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"}

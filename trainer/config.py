@@ -163,12 +163,20 @@ class TrainingConfig:
     # (the report's shape at 16k-token micro-batches: 466k instead of 391k tokens/s on an
     # H200, for ~70 s more compilation once per process); "python" compiles faster
     compile_wrapper: Literal["cpp", "python"] = "cpp"
+    # Inductor's coordinate-descent tuning of the block sizes of the Triton kernels it
+    # generates (LayerNorm, dropout, GELU; GPU only): 2 % less device time a step on an H200,
+    # for a longer first compilation (cached on disk for the next process), BENCHMARKS.md P1
+    compile_tuning: bool = True
     # "fused": on a GPU with Triton, training attention (with RoPE, mask and dropout) runs in
     # trainer.attention's kernels; "sdpa": PyTorch's SDPA; "auto": fused, except compiled
     # training at micro-batches under FUSED_COMPILED_MIN_TOKENS, which is host-bound: there the
     # kernel's launch overhead outweighs its device time saved (H200: 0.85-0.96x the compiled
     # step at 16k tokens, 1.055x at 64k; eager 16k 379k tokens/s, BENCHMARKS.md P1)
     attention: Literal["auto", "fused", "sdpa"] = "auto"
+    # under bf16 autocast the residual stream between LayerNorms is bf16 (the LayerNorm's
+    # float32 output cast down; the next matmul casts it anyway): half the bytes of every
+    # residual/dropout/LayerNorm kernel, fwd and bwd. true keeps it float32 (autocast's own)
+    fp32_residual: bool = False
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

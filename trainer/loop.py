@@ -185,7 +185,11 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: f
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed label-smoothed cross-entropy (as ``F.cross_entropy``) and summed plain NLL over
     positions whose target is not -100 (logits (..., V), targets (...)); the NLL makes train
-    and val losses comparable."""
+    and val losses comparable.
+
+    (Compiled, this is 3 kernels and ~3 ms a 64k-token micro-batch on an H200. Written as
+    ``logsumexp(z) - z[target]`` with the target's logit as a masked sum, Inductor made the
+    backward one pointwise kernel 2.2x slower than these: BENCHMARKS.md P1, session 9.)"""
     logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
     keep = targets != IGNORE_INDEX
     nll = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # (...)
@@ -330,6 +334,7 @@ class Run:
             self.model = DecoderLM(cfg.model, self.data.vocab_size, self.data.pad_id)
         self.model.fused_attention = uses_fused_attention(cfg) and attention.available(
             self.device, cfg.model.d_model // cfg.model.n_heads)
+        self.model.bf16_residual = not cfg.train.fp32_residual
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
@@ -352,7 +357,8 @@ class Run:
             # not the whole stack (a 12-layer model: 190 s -> 24 s on an H200); with dynamic
             # shapes from the start, since length-bucketed batches change (B, T) every step
             options: dict[str, Any] = {"cpp_wrapper": self.device.type == "cuda"
-                       and cfg.train.compile_wrapper == "cpp"}
+                       and cfg.train.compile_wrapper == "cpp",
+                       "coordinate_descent_tuning": cfg.train.compile_tuning}
             for block in self.model.blocks:
                 block.compile(dynamic=True, options=options)
             self.losses = torch.compile(token_losses, dynamic=True, options=options)

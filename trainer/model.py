@@ -185,7 +185,8 @@ class Block(nn.Module):
         if self.stochastic_depth:
             branch = drop_path(branch, self.drop_path_p, self.training)
         x = x + branch
-        return x if self.pre_norm else norm(x)
+        # post-norm: the stream keeps its input's dtype (autocast's LayerNorm returns fp32)
+        return x if self.pre_norm else norm(x).type_as(x)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
@@ -208,6 +209,8 @@ class DecoderLM(nn.Module):
         # forward() uses trainer.attention's kernel in training (set by the trainer where it
         # can run: a GPU with Triton)
         self.fused_attention = False
+        # under bf16 autocast, the residual stream in bf16 (train.fp32_residual: false)
+        self.bf16_residual = True
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.wte = nn.Embedding(vocab_size, cfg.d_model)
@@ -273,6 +276,10 @@ class DecoderLM(nn.Module):
         else:
             x = x * math.sqrt(self.cfg.d_model) + sinusoid(positions, self.cfg.d_model)
         x = self.dropout(x)
+        dev = x.device.type
+        if (self.bf16_residual and torch.is_autocast_enabled(dev)
+                and torch.get_autocast_dtype(dev) == torch.bfloat16):
+            x = x.to(torch.bfloat16)  # the stream's dtype from here on (Block.residual)
         for block in self.blocks:
             if not self.training or cache is not None:
                 # block.forward, not block(...): a block compiled for training

@@ -234,3 +234,27 @@ def test_checkpoint_cadence(task: Path, tmp_path: Path) -> None:
                                                   "train.keep_checkpoints": 10})
     fit(cfg)
     assert [c.step for c in verify(tmp_path / "run")] == [3, 6, 9, 12]  # not at evals 4, 8
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_losses_match_cross_entropy(compiled: bool) -> None:
+    """Eager and traced by Dynamo (``aot_eager``: the traced graph without Inductor's code
+    generation), F.cross_entropy's label-smoothed loss and its gradient, ignoring -100
+    targets; the NLL is the unsmoothed loss."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 37).mul(3).requires_grad_()
+    targets = torch.randint(0, 37, (3, 5))
+    targets[0, :2] = -100
+    fn = torch.compile(token_losses, backend="aot_eager", fullgraph=True) if compiled \
+        else token_losses
+    loss, nll = fn(logits, targets, 0.1)
+    loss.backward()
+    ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=0.1,
+                          reduction="sum")
+    ref_nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref, logits)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(nll, ref_nll)
+    torch.testing.assert_close(logits.grad, ref_grad)

@@ -162,3 +162,25 @@ def test_rope_pairs_half_and_interleaved_are_one_model_up_to_a_permutation() -> 
                 state[key] = state[key][rows]
         half.load_state_dict(state)
         torch.testing.assert_close(half(tokens, prefix), inter(tokens, prefix))
+
+
+def test_residual_stream_is_bf16_under_bf16_autocast_unless_fp32_residual() -> None:
+    """Post-norm blocks pass the residual stream on in their input's dtype: bf16 under bf16
+    autocast (``bf16_residual``, the default), float32 with ``train.fp32_residual``; both
+    give about the same logits."""
+    m = small().train()  # (eval calls block.forward: no hooks; SMALL has no dropout)
+    dtypes: list[torch.dtype] = []
+    for block in m.blocks:
+        block.register_forward_hook(lambda mod, args, out: dtypes.append(out.dtype))
+    tokens = torch.randint(1, 50, (2, 9))
+    prefix = torch.tensor([4, 6])
+    logits = {}
+    for bf16 in (True, False):
+        m.bf16_residual = bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits[bf16] = m(tokens, prefix).float()
+    assert dtypes == [torch.bfloat16] * 2 + [torch.float32] * 2
+    torch.testing.assert_close(logits[True], logits[False], atol=0.05, rtol=0.05)
+    dtypes.clear()
+    m(tokens, prefix)  # no autocast: float32 throughout
+    assert dtypes == [torch.float32] * 2
