@@ -100,7 +100,7 @@ def patched(patches: dict[str, Callable[..., Any]]) -> Iterator[None]:
 
 
 def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int,
-                device: torch.device) -> dict[str, Any]:
+                device: torch.device, backend: str = "inductor") -> dict[str, Any]:
     """Compile a fresh block for variant ``name`` (``a+b`` combines variants), warm it up at
     the first length, then per length: the first call (a new shape: cuDNN plans one) and the
     median of ``iters`` more. Tokens/s over all lengths, from the medians."""
@@ -122,7 +122,10 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = Block(mcfg, layer=mcfg.n_layers - 1, drop_path_p=mcfg.drop_path).to(device).train()
-    block.compile(dynamic=True, options=options)
+    if backend == "inductor":
+        block.compile(dynamic=True, options=options)
+    else:
+        block.compile(dynamic=True, backend=backend)
     gen = torch.Generator().manual_seed(1)
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -188,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", default="66,40,100,130",
                    help="sequence lengths, each at --tokens (the Bible's mean is ~66)")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--backend", default="inductor",
+                   help="torch.compile backend (default inductor, as the trainer; the CPU "
+                   "smoke test uses aot_eager: the traced graphs without Inductor's C++ "
+                   "compilation; Inductor options of variants then do not apply)")
     args = p.parse_args(argv)
     common.setup_logging()
     from trainer.config import ModelConfig
@@ -215,12 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         names.insert(0, "current")
     report = common.Report("block", args, {
         "model": vars(cfg), "tokens": args.tokens, "lengths": lengths,
-        "iters": args.iters, "variants": names,
+        "iters": args.iters, "variants": names, "backend": args.backend,
         "reference": "current (the trainer's block as it is), same run"})
     results: dict[str, dict[str, Any]] = {}
     report["results"] = results
     for name in names:
-        results[name] = run_variant(name, cfg, args.tokens, lengths, args.iters, device)
+        results[name] = run_variant(name, cfg, args.tokens, lengths, args.iters, device,
+                                    args.backend)
         results[name]["speedup_vs_current"] = round(results[name]["tokens_per_s"]
                                                     / results["current"]["tokens_per_s"], 3)
         report.save()

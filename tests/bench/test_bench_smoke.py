@@ -25,7 +25,7 @@ ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/
 NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120", "--profile"],
-    "block": ["--variants", "current"],
+    "block": ["--variants", "current", "--backend", "aot_eager"],  # no C++ compile: ~75 s
     "attention": [],  # in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET)
     "real_run": [],
     "ablation": [],
