@@ -177,6 +177,9 @@ class TrainingConfig:
     # float32 output cast down; the next matmul casts it anyway): half the bytes of every
     # residual/dropout/LayerNorm kernel, fwd and bwd. true keeps it float32 (autocast's own)
     fp32_residual: bool = False
+    # on a GPU with Triton, the training loss in trainer.loss's two kernels instead of
+    # log-softmax + gather (3 passes over the logits instead of ~7); not yet measured on a GPU
+    fused_loss: bool = False
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)
