@@ -482,11 +482,63 @@ def profile_ops(fn: Any, top: int = 15) -> dict[str, Any]:
         out["host_top"] = [{"op": e.key[:90], "count": e.count,
                             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)}
                            for e in host[:top]]
+        try:
+            out["gaps"] = idle_gaps(prof, top)
+        except Exception as e:  # a diagnostic: never lose the measurement to it
+            out["gaps"] = {"error": f"{type(e).__name__}: {e}"}
     out["top"] = [{"op": e.key[:90], "count": e.count,
                    "ms": round(getattr(e, key, 0.0) / 1e3, 2),
                    "share": round(getattr(e, key, 0.0) / 1e6 / max(busy, 1e-9), 3)}
                   for e in rows[:top]]
     return out
+
+
+def idle_gaps(prof: Any, top: int = 10) -> dict[str, Any]:
+    """Where the device waited, from a profile's timeline: the idle time between consecutive
+    device activities (kernels, copies, memsets), split into launch-to-launch gaps (< 10 µs,
+    what every launch costs) and longer ones, and the ``top`` longest with the kernels on
+    either side, the host operator that launched the next one and how late that launch
+    began (> 0: the host was behind the device, < 0: the device waited on something else,
+    e.g. a copy or a synchronisation)."""
+    events = prof.profiler.kineto_results.events()
+    device = sorted((e for e in events if e.device_type().name != "CPU"),
+                    key=lambda e: e.start_ns())
+    launches = {e.correlation_id(): e for e in events if e.device_type().name == "CPU"
+                and re.search(r"LaunchKernel|Memcpy|Memset|cuLaunch", e.name())}
+    host_ops = [e for e in events if e.device_type().name == "CPU"
+                and not re.search(r"^cuda|^cu[A-Z]", e.name())]
+    gaps: list[tuple[int, Any, Any]] = []
+    end = None
+    prev = None
+    for e in device:
+        if end is not None and e.start_ns() > end:
+            gaps.append((e.start_ns() - end, prev, e))
+        if end is None or e.end_ns() > end:
+            end, prev = e.end_ns(), e
+    small = sum(g for g, _, _ in gaps if g < 10_000)
+    big = sorted((g for g in gaps if g[0] >= 10_000), key=lambda g: -g[0])
+
+    def launched_by(e: Any) -> tuple[str | None, float | None]:
+        call = launches.get(e.correlation_id())
+        if call is None:
+            return None, None
+        t = call.start_ns()
+        inner = [h for h in host_ops if h.start_ns() <= t <= h.end_ns()
+                 and h.start_thread_id() == call.start_thread_id()]
+        name = min(inner, key=lambda h: h.duration_ns()).name() if inner else None
+        return name, t
+
+    listed = []
+    for g, before, after in big[:top]:
+        op, t = launched_by(after)
+        listed.append({"us": round(g / 1e3, 1), "before": before.name()[:60],
+                       "after": after.name()[:60], "launched_by": (op or "?")[:60],
+                       "launch_late_us": None if t is None
+                       else round((t - before.end_ns()) / 1e3, 1)})
+    return {"idle_s": round((small + sum(g for g, _, _ in big)) / 1e9, 4),
+            "idle_small_s": round(small / 1e9, 4), "n_small": len(gaps) - len(big),
+            "idle_over_10us_s": round(sum(g for g, _, _ in big) / 1e9, 4),
+            "n_over_10us": len(big), "longest": listed}
 
 
 # kinds of CUDA kernels for profile_ops (first match wins)

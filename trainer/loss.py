@@ -9,8 +9,8 @@ target's logit) and keeps the log-sum-exp; the backward reads the row once more 
 its gradient, ``g_loss * (softmax - smoothing / V - (1 - smoothing) * onehot) + g_nll *
 (softmax - onehot)``: 3 passes over the logits instead of ~7.
 
-Rows whose target is ``IGNORE_INDEX`` contribute 0 and get a zero gradient. Not yet measured
-on a GPU, so off by default (``train.fused_loss``).
+Rows whose target is ``IGNORE_INDEX`` contribute 0 and get a zero gradient. On by default
+(``train.fused_loss``): 1.017x the compiled step on an H200 (64k-token micro-batches).
 """
 
 from __future__ import annotations
