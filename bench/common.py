@@ -546,6 +546,8 @@ KERNEL_KINDS = [
     ("attention", r"fmha|flash|attention|^_forward_kernel|^_backward_kernel|^_dq_kernel"
                   r"|^_dkv_kernel"),
     ("dropout_mask", r"^_mask_kernel"),
+    ("cross_entropy", r"^_ce_"),
+    ("gelu", r"^_gelu_"),
     ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|cublas"),
     ("optimizer_ema", r"multi_tensor|fused_adam|foreach|lerp"),
     ("triton_fused", r"^triton_"),

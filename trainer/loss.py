@@ -40,7 +40,7 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _forward_kernel(z, targets, loss, nll, lse_out, V, stride, smoothing, ignore,
+    def _ce_forward_kernel(z, targets, loss, nll, lse_out, V, stride, smoothing, ignore,
                         BLOCK: tl.constexpr):
         """Row ``program_id``: its log-sum-exp, NLL and smoothed loss (0 if ignored)."""
         row = tl.program_id(0).to(tl.int64)
@@ -67,7 +67,7 @@ if triton is not None:
         tl.store(lse_out + row, lse)
 
     @triton.jit
-    def _backward_kernel(z, targets, lse, g_loss, g_nll, dz, V, stride, d_stride, g_stride,
+    def _ce_backward_kernel(z, targets, lse, g_loss, g_nll, dz, V, stride, d_stride, g_stride,
                          smoothing, ignore, BLOCK: tl.constexpr):
         """The gradient of row ``program_id``'s logits from its loss's and NLL's."""
         row = tl.program_id(0).to(tl.int64)
@@ -95,9 +95,9 @@ if triton is not None:
         loss = logits.new_empty(N, dtype=torch.float32)
         nll = torch.empty_like(loss)
         lse = torch.empty_like(loss)
-        wrap_triton(_forward_kernel)[(N,)](logits, targets, loss, nll, lse, V,
-                                           logits.stride(0), smoothing, IGNORE_INDEX,
-                                           BLOCK=_block(V), num_warps=8)
+        wrap_triton(_ce_forward_kernel)[(N,)](logits, targets, loss, nll, lse, V,
+                                              logits.stride(0), smoothing, IGNORE_INDEX,
+                                              BLOCK=_block(V), num_warps=8)
         return loss, nll, lse
 
     @triton_op("amt::cross_entropy_backward", mutates_args=())
@@ -106,10 +106,10 @@ if triton is not None:
                                 smoothing: float) -> torch.Tensor:
         N, V = logits.shape
         dz = torch.empty_like(logits)
-        wrap_triton(_backward_kernel)[(N,)](logits, targets, lse, g_loss, g_nll, dz, V,
-                                            logits.stride(0), dz.stride(0), g_loss.stride(0),
-                                            smoothing, IGNORE_INDEX, BLOCK=_block(V),
-                                            num_warps=8)
+        wrap_triton(_ce_backward_kernel)[(N,)](logits, targets, lse, g_loss, g_nll, dz, V,
+                                               logits.stride(0), dz.stride(0),
+                                               g_loss.stride(0), smoothing, IGNORE_INDEX,
+                                               BLOCK=_block(V), num_warps=8)
         return dz
 
     def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer import attention
+from trainer import attention, gelu
 from trainer.config import ModelConfig
 from trainer.dropout import dropout
 
@@ -147,8 +147,13 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model)
+        # in training, the up-projection's bias and GELU in trainer.gelu's kernels (set by
+        # the trainer where they can run: a GPU with Triton, train.fused_mlp)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training:
+            return self.down(gelu.bias_gelu(F.linear(x, self.up.weight), self.up.bias))
         return self.down(F.gelu(self.up(x)))
 
 

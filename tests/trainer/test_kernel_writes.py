@@ -1,0 +1,81 @@
+"""What Inductor believes our ``triton_op`` kernels write.
+
+Compiled, a user-defined Triton kernel's launch is analysed (its Triton IR) for the tensors
+it stores to; a tensor the analysis cannot clear counts as written, and an input that is
+written but used later (a saved activation) is copied first: one extra pass over, e.g., the
+MLP's 64k x 3072 activation in every layer (BENCHMARKS.md P1, session 10). The analysis needs
+only the IR, so it runs here for an H100/H200 target without a GPU, in a process of its own
+(the other tests run Triton's interpreter, whose kernels have no IR)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r'''
+import json, sys, torch
+try:
+    from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+except ImportError as e:
+    print(json.dumps({"skip": str(e)})); sys.exit(0)
+
+class Hopper:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+driver.set_active(Hopper())
+from trainer import dropout, gelu, loss
+
+def written(kernel, **kwargs):
+    accesses = identify_accessed_tensors(kernel, kwargs, {})
+    return sorted(dep.name for dep in accesses.read_writes.writes)
+
+x, b = torch.empty(64, 256, dtype=torch.bfloat16), torch.empty(256)
+tile = dict(M=64, N=256, stride=256, BLOCK_M=32, BLOCK_N=128, FAST_ERF=True)
+z, f = torch.empty(8, 1000, dtype=torch.bfloat16), torch.empty(8)
+t = torch.zeros(8, dtype=torch.long)
+ce = dict(V=1000, stride=1000, smoothing=0.1, ignore=-100, BLOCK=1024)
+print(json.dumps({
+    "gelu_forward": written(gelu._gelu_forward_kernel, x=x, b=b, y=torch.empty_like(x), **tile),
+    "gelu_backward": written(gelu._gelu_backward_kernel, x=x, b=b, dy=torch.empty_like(x),
+                             dx=torch.empty_like(x), partial=torch.empty(2, 256), **tile),
+    "ce_forward": written(loss._ce_forward_kernel, z=z, targets=t, loss=f, nll=f.clone(),
+                          lse_out=f.clone(), **ce),
+    "ce_backward": written(loss._ce_backward_kernel, z=z, targets=t, lse=f, g_loss=f.clone(),
+                           g_nll=f.clone(), dz=torch.empty_like(z), d_stride=1000, g_stride=1,
+                           **ce),
+    "dropout_mask": written(dropout._mask_kernel, seed_ptr=torch.zeros(1, dtype=torch.long),
+                            out=torch.empty(4096, dtype=torch.bool), n=4096, threshold=6554,
+                            BLOCK=4096),
+}))
+'''
+
+
+@pytest.fixture(scope="module")
+def writes() -> dict[str, list[str]]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in out:
+        pytest.skip(f"no kernel analysis here: {out['skip']}")
+    return out
+
+
+@pytest.mark.parametrize(("kernel", "outputs"), [
+    ("gelu_forward", ["y"]), ("gelu_backward", ["dx", "partial"]),
+    ("ce_forward", ["loss", "lse_out", "nll"]), ("ce_backward", ["dz"]),
+    ("dropout_mask", ["out"]),
+])
+def test_kernel_writes_only_its_outputs(writes: dict[str, list[str]], kernel: str,
+                                        outputs: list[str]) -> None:
+    assert writes[kernel] == outputs
