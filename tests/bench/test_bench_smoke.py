@@ -23,10 +23,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
+TRITON_ONLY = {"attention", "gelu"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120", "--profile"],
     "block": ["--variants", "current", "--backend", "aot_eager"],  # no C++ compile: ~75 s
     "attention": [],  # in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET)
+    "gelu": [],  # likewise
     "real_run": [],
     "ablation": [],
     "real_run_describe": ["--describe"],
@@ -65,7 +67,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
            "AMT_HOME": str(root / "home")}
     started: dict[str, Any] = {}
     for name, extra in ARGS.items():
-        if (name in NEEDS_DB and not db) or (name == "attention" and not triton):
+        if (name in NEEDS_DB and not db) or (name in TRITON_ONLY and not triton):
             started[name] = None
             continue
         out = root / f"{name}.json"
@@ -89,7 +91,7 @@ def result(runs: dict[str, Any], name: str) -> dict[str, Any]:
     """Wait for ``name``; check it printed exactly the JSON object it wrote to --out."""
     item = runs[name]
     if item is None:
-        pytest.skip("no Triton" if name == "attention"
+        pytest.skip("no Triton" if name in TRITON_ONLY
                     else f"no PostgreSQL at TEST_DB_URL / 127.0.0.1:5432 for bench.{name}")
     proc, out, _, log_path = item
     stdout, _ = proc.communicate(timeout=300)
@@ -137,6 +139,13 @@ def test_attention(runs: dict[str, Any]) -> None:
     # the one-kernel backward up to ONE_TILE_MAX_T tokens, dq and dk/dv kernels past it
     assert set(short["sweep_ms"]) == {"fwd", "bwd"}
     assert set(long["sweep_ms"]) == {"fwd", "dq", "dkv"}
+
+
+def test_gelu(runs: dict[str, Any]) -> None:
+    r = result(runs, "gelu")
+    assert r["inductor"]["fwd_ms"] > 0 and r["copy_ms"] > 0
+    assert len(r["results"]) == 2 and r["best"]["blocks"] in r["results"]
+    assert {"floor_ms", "fast_bwd_ms", "libdevice_bwd_ms"} <= set(r["best"])
 
 
 def test_real_run(runs: dict[str, Any]) -> None:
