@@ -183,8 +183,10 @@ class TrainingConfig:
     # 1.017x the compiled step (Triton kernels 98.6 -> 88.0 ms of device time per two steps,
     # BENCHMARKS.md P1); false: token_losses, compiled by Inductor
     fused_loss: bool = True
-    # on a GPU with Triton, the MLP's bias + GELU in trainer.gelu's two kernels, the bias
-    # gradient summed in the backward's pass (Inductor reads the gradient once more for it)
+    # on a GPU with Triton, the MLP's bias + exact GELU in trainer.gelu's two kernels, the
+    # bias gradient summed in the backward's pass (Inductor reads the gradient once more for
+    # it): H200, 64k micro-batches, GELU 40.2 -> 32.0 ms of device time per two steps, 1.025x
+    # the compiled step (BENCHMARKS.md P1); false: F.gelu, compiled by Inductor
     fused_mlp: bool = True
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
