@@ -70,6 +70,11 @@ VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[st
     # the block's input (and so its residual stream and gradient) in float32, as
     # train.fp32_residual keeps it; the default (current) is bf16, as under bf16 autocast
     "fp32_residual": ({}, {}, {"fp32_residual": True}),
+    # the trainer's kernel options against their defaults (current follows the defaults):
+    # post-norm's dropout + drop-path + residual + LayerNorm in trainer.norm's kernels, and
+    # the MLP's bias + GELU left to Inductor
+    "fused_norm": ({}, {}, {"fused_norm": True}),
+    "unfused_mlp": ({}, {}, {"fused_mlp": False}),
     "inductor_dropout": ({"dropout": inductor_dropout}, {}, {}),
     "no_residual_dropout": ({"dropout": no_dropout_fn}, {}, {}),
     "no_rope": ({"apply_rotary": no_rotary}, {}, {}),
@@ -106,7 +111,9 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
     median of ``iters`` more. Tokens/s over all lengths, from the medians."""
     import dataclasses
 
-    from trainer import attention
+    from trainer import attention, gelu
+    from trainer import norm as norm_kernels
+    from trainer.config import TrainingConfig
     from trainer.model import Block, attention_mask, rotary_angles
 
     patches: dict[str, Callable[..., Any]] = {}
@@ -118,10 +125,15 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
     cudnn = bool(options.pop("cudnn", False))
     sdpa = bool(options.pop("sdpa", False))
     stream = torch.float32 if options.pop("fp32_residual", False) else torch.bfloat16
+    defaults = TrainingConfig()
+    fused_mlp = bool(options.pop("fused_mlp", defaults.fused_mlp)) and gelu.available(device)
+    fused_norm = (bool(options.pop("fused_norm", defaults.fused_norm))
+                  and norm_kernels.available(device))
     mcfg = dataclasses.replace(cfg, **overrides)
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = Block(mcfg, layer=mcfg.n_layers - 1, drop_path_p=mcfg.drop_path).to(device).train()
+    block.mlp.fused, block.fused_norm = fused_mlp, fused_norm  # as trainer.Run sets them
     if backend == "inductor":
         block.compile(dynamic=True, options=options)
     else:

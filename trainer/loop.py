@@ -52,11 +52,12 @@ from storage.checkpoints import (
 from storage.errors import CheckpointError
 from trainer import attention, gelu, metrics
 from trainer import loss as loss_kernels
+from trainer import norm as norm_kernels
 from trainer.config import FUSED_COMPILED_MIN_TOKENS, TrainConfig, config_to_dict
 from trainer.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from trainer.decode import generate
 from trainer.errors import ConfigError, TrainingFailed
-from trainer.model import MLP, DecoderLM
+from trainer.model import MLP, Block, DecoderLM
 from trainer.optim import build_optimizer, set_lr
 
 __all__ = ["Callback", "FitResult", "Progress", "fit", "token_losses"]
@@ -336,9 +337,11 @@ class Run:
         self.model.fused_attention = uses_fused_attention(cfg) and attention.available(
             self.device, cfg.model.d_model // cfg.model.n_heads)
         self.model.bf16_residual = not cfg.train.fp32_residual
-        for mlp in self.model.modules():
-            if isinstance(mlp, MLP):
-                mlp.fused = cfg.train.fused_mlp and gelu.available(self.device)
+        for module in self.model.modules():
+            if isinstance(module, MLP):
+                module.fused = cfg.train.fused_mlp and gelu.available(self.device)
+            if isinstance(module, Block):
+                module.fused_norm = cfg.train.fused_norm and norm_kernels.available(self.device)
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()

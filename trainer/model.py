@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from trainer import attention, gelu
+from trainer import norm as norm_kernels
 from trainer.config import ModelConfig
-from trainer.dropout import dropout
+from trainer.dropout import dropout, dropout_mask
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
 
@@ -183,8 +184,21 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.d_model)
         self.norm2 = nn.LayerNorm(cfg.d_model)
         self.dropout = cfg.dropout
+        # in post-norm training, dropout, drop-path, the residual add and the LayerNorm in
+        # trainer.norm's kernels (set by the trainer where they can run, train.fused_norm)
+        self.fused_norm = False
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm
+                 ) -> torch.Tensor:
+        if self.fused_norm and self.training and not self.pre_norm:
+            mask = scale = None
+            if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
+                seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
+                mask = dropout_mask(list(branch.shape), self.dropout, seed)
+            if self.stochastic_depth:
+                p = self.drop_path_p
+                scale = torch.empty(x.size(0), device=x.device).bernoulli_(1 - p) / (1 - p)
+            return norm_kernels.residual_norm(x, branch, mask, scale, self.dropout, norm)
         # compiled for a GPU: the mask from trainer.dropout's kernel, not Inductor's
         branch = dropout(branch, self.dropout, self.training)
         if self.stochastic_depth:

@@ -32,7 +32,7 @@ class Hopper:
         return GPUTarget("cuda", 90, 32)
 
 driver.set_active(Hopper())
-from trainer import dropout, gelu, loss
+from trainer import dropout, gelu, loss, norm
 
 def written(kernel, **kwargs):
     if hasattr(wrap, "identify_accessed_tensors"):  # torch >= 2.12
@@ -56,6 +56,19 @@ print(json.dumps({
     "ce_backward": written(loss._ce_backward_kernel, z=z, targets=t, lse=f, g_loss=f.clone(),
                            g_nll=f.clone(), dz=torch.empty_like(z), d_stride=1000, g_stride=1,
                            **ce),
+    "norm_forward": written(norm._norm_forward_kernel, x=x, branch=x.clone(),
+                            mask=torch.zeros(64, 256, dtype=torch.bool), row_scale=b,
+                            weight=b.clone(), bias=b.clone(), y=torch.empty_like(x),
+                            mean_out=torch.empty(64), rstd_out=torch.empty(64), M=64, C=256,
+                            T=8, keep_scale=1.1, eps=1e-5, HAS_MASK=True, HAS_SCALE=True,
+                            ROWS=8, STEPS=2, BLOCK_C=256),
+    "norm_backward": written(norm._norm_backward_kernel, x=x, branch=x.clone(),
+                             mask=torch.zeros(64, 256, dtype=torch.bool), row_scale=b,
+                             weight=b.clone(), mean_in=torch.empty(64),
+                             rstd_in=torch.empty(64), dy=x.clone(), dx=torch.empty_like(x),
+                             dbranch=torch.empty_like(x), partial_w=torch.empty(4, 256),
+                             partial_b=torch.empty(4, 256), M=64, C=256, T=8, keep_scale=1.1,
+                             HAS_MASK=True, HAS_SCALE=True, ROWS=8, STEPS=2, BLOCK_C=256),
     "dropout_mask": written(dropout._mask_kernel, seed_ptr=torch.zeros(1, dtype=torch.long),
                             out=torch.empty(4096, dtype=torch.bool), n=4096, threshold=6554,
                             BLOCK=4096),
@@ -78,7 +91,8 @@ def writes() -> dict[str, list[str]]:
 @pytest.mark.parametrize(("kernel", "outputs"), [
     ("gelu_forward", ["y"]), ("gelu_backward", ["dx", "partial"]),
     ("ce_forward", ["loss", "lse_out", "nll"]), ("ce_backward", ["dz"]),
-    ("dropout_mask", ["out"]),
+    ("dropout_mask", ["out"]), ("norm_forward", ["mean_out", "rstd_out", "y"]),
+    ("norm_backward", ["dbranch", "dx", "partial_b", "partial_w"]),
 ])
 def test_kernel_writes_only_its_outputs(writes: dict[str, list[str]], kernel: str,
                                         outputs: list[str]) -> None:

@@ -1,0 +1,132 @@
+"""``trainer.norm``: post-norm's dropout + drop-path + residual add + LayerNorm in two kernels
+(on CPU tensors in Triton's interpreter, see tests/conftest.py; on a GPU also compiled, in
+bf16), against the same maths in PyTorch with the same dropout mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from trainer.norm import residual_norm  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def reference(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
+              scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    b = branch.float()
+    if mask is not None:
+        b = b * mask / (1 - p)
+    if scale is not None:
+        b = b * scale[:, None, None]
+    return norm(x.float() + b).to(x.dtype)
+
+
+def _norm(C: int) -> torch.nn.LayerNorm:
+    norm = torch.nn.LayerNorm(C).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
+@pytest.mark.parametrize(("shape", "masked", "scaled"), [
+    ((3, 5, 40), True, True), ((2, 37, 24), True, False), ((4, 3, 16), False, True),
+    ((1, 2, 8), False, False),
+])
+def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked: bool,
+                                            scaled: bool) -> None:
+    """Rows over several programs and a partial one, widths not a power of two; with and
+    without the dropout mask and the per-sequence scale; every gradient."""
+    torch.manual_seed(0)
+    B, T, C = shape
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    branch = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    mask = torch.rand(*shape, device=DEVICE) > 0.1 if masked else None
+    scale = (torch.tensor([0.0, 1 / 0.9, 1 / 0.9, 0.0], device=DEVICE)[:B] if scaled
+             else None)
+    norm = _norm(C)
+    grad = torch.randn(*shape, device=DEVICE)
+    y = residual_norm(x, branch, mask, scale, 0.1, norm)
+    y.backward(grad)
+    ours = [x.grad, branch.grad, norm.weight.grad, norm.bias.grad]
+    x.grad = branch.grad = norm.weight.grad = norm.bias.grad = None
+    ref = reference(x, branch, mask, scale, 0.1, norm)
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(ours, [x.grad, branch.grad, norm.weight.grad, norm.bias.grad], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_stream_keeps_its_dtype() -> None:
+    """A bf16 stream and branch (bf16 autocast): the output and both input gradients bf16,
+    the LayerNorm's gradients float32, all close to the float32 maths."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 48, device=DEVICE).bfloat16().requires_grad_()
+    branch = torch.randn(2, 9, 48, device=DEVICE).bfloat16().requires_grad_()
+    norm = _norm(48)
+    y = residual_norm(x, branch, None, None, 0.0, norm)
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == branch.grad.dtype == torch.bfloat16
+    assert norm.weight.grad.dtype == torch.float32
+    ref = torch.nn.functional.layer_norm(x.float() + branch.float(), (48,), norm.weight,
+                                         norm.bias)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_block_fused_norm_matches_plain_block_without_randomness() -> None:
+    """``Block.fused_norm`` (set by the trainer from ``train.fused_norm``): with dropout and
+    drop-path at 0, the same output and gradients as the plain post-norm block."""
+    from trainer.config import ModelConfig
+    from trainer.model import Block
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.0, drop_path=0.0)
+    block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    prefix = torch.tensor([2, 4], device=DEVICE)
+    from trainer.model import attention_mask
+    mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
+    outs, grads = [], []
+    for fused in (False, True):
+        block.fused_norm = fused
+        block.zero_grad()
+        y = block(x, None, mask)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in block.parameters()])
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
+def test_compiled_bf16_with_dropout_matches_reference() -> None:
+    """As the block uses it: compiled with dynamic shapes, a bf16 stream, the dropout mask
+    from trainer.dropout's kernel and a drop-path scale; against the reference with the same
+    mask and scale."""
+    from trainer.dropout import dropout_mask
+
+    torch.manual_seed(0)
+    norm = _norm(768)
+    f = torch.compile(residual_norm, dynamic=True)
+    for B, T in ((64, 40), (30, 70)):
+        x = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
+        branch = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
+        mask = dropout_mask([B, T, 768], 0.1, torch.tensor([7], device=DEVICE))
+        scale = (torch.rand(B, device=DEVICE) > 0.1).float() / 0.9
+        grad = torch.randn(B, T, 768, device=DEVICE).bfloat16()
+        y = f(x, branch, mask, scale, 0.1, norm)
+        y.backward(grad)
+        ours = [x.grad, branch.grad, norm.weight.grad, norm.bias.grad]
+        x.grad = branch.grad = norm.weight.grad = norm.bias.grad = None
+        ref = reference(x, branch, mask, scale, 0.1, norm)
+        ref.backward(grad)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        for a, b in zip(ours, [x.grad, branch.grad, norm.weight.grad, norm.bias.grad],
+                        strict=True):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                       atol=1e-2 * b.abs().max().item())
+        norm.weight.grad = norm.bias.grad = None

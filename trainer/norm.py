@@ -1,0 +1,178 @@
+"""Post-norm "Add & Norm" of a residual branch in two Triton kernels:
+``LayerNorm(x + branch * dropout_mask / (1 - p) * row_scale)``.
+
+Why: compiled, the forward is one Inductor kernel, but the backward is four or five: the
+LayerNorm's input gradient (a row reduction), its weight and bias gradients (column sums that
+re-read the gradient and the normalised input), and the dropout/drop-path gradient of the
+branch (H200, report shape, 64k-token micro-batches: ~20 ms of ~31 ms of such kernels per two
+steps, BENCHMARKS.md P1). Here the backward recomputes the normalised input from ``x``, the
+branch and the mask, writes both input gradients and each program's partial weight and bias
+sums in one pass; a small sum over the programs finishes them. Statistics in float32; the
+output in ``x``'s dtype (the residual stream's). Not yet measured on a GPU, so off by default
+(``train.fused_norm``).
+
+``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it) or
+None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
+depth's keep / (1 - p)) or is None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # CPU-only installs: Block.residual's plain path
+    triton = None
+
+__all__ = ["available", "residual_norm"]
+
+# rows per step of a program's loop, steps per program (the backward's partial weight/bias
+# sums cover ROWS * STEPS rows each: 64k rows make 2,048 of them), warps. One row of 768 in
+# 4 warps: 64 and 149 registers, no spills (ptxas, sm_90a); 8 rows in 8 warps spilled
+ROWS, FORWARD_STEPS, BACKWARD_STEPS, WARPS = 1, 8, 32, 4
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` (a GPU with Triton; the tests also run them
+    on CPU tensors in Triton's interpreter)."""
+    return triton is not None and device.type == "cuda"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _norm_forward_kernel(x, branch, mask, row_scale, weight, bias, y, mean_out, rstd_out,
+                             M, C, T, keep_scale, eps, HAS_MASK: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                             STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
+        b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        for step in range(STEPS):
+            rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
+            ok = (rows < M)[:, None] & col_ok[None, :]
+            offsets = rows[:, None] * C + cols[None, :]
+            # the loads stay in the kernel: Inductor takes any pointer passed to a helper as
+            # written (see trainer.gelu)
+            br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                br = tl.where(tl.load(mask + offsets, mask=ok, other=0) != 0, br * keep_scale,
+                              0.0)
+            if HAS_SCALE:
+                br *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
+            s = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32) + br
+            mean = tl.sum(s, 1) / C
+            centred = tl.where(ok, s - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / C + eps)
+            out = centred * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(y + offsets, out.to(y.dtype.element_ty), mask=ok)
+            tl.store(mean_out + rows, mean, mask=rows < M)
+            tl.store(rstd_out + rows, rstd, mask=rows < M)
+
+    @triton.jit
+    def _norm_backward_kernel(x, branch, mask, row_scale, weight, mean_in, rstd_in, dy, dx,
+                              dbranch, partial_w, partial_b, M, C, T, keep_scale,
+                              HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                              ROWS: tl.constexpr, STEPS: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+        cols = tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
+        sum_w = tl.zeros((BLOCK_C,), tl.float32)
+        sum_b = tl.zeros((BLOCK_C,), tl.float32)
+        for step in range(STEPS):
+            rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
+            ok = (rows < M)[:, None] & col_ok[None, :]
+            offsets = rows[:, None] * C + cols[None, :]
+            factor = tl.full((ROWS, BLOCK_C), 1.0, tl.float32)  # d s / d branch
+            if HAS_MASK:
+                keep = tl.load(mask + offsets, mask=ok, other=0) != 0
+                factor = tl.where(keep, keep_scale, 0.0)
+            if HAS_SCALE:
+                factor *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
+            br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
+            s = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32) + br * factor
+            mean = tl.load(mean_in + rows, mask=rows < M, other=0.0)
+            rstd = tl.load(rstd_in + rows, mask=rows < M, other=0.0)
+            xhat = tl.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
+            g = tl.load(dy + offsets, mask=ok, other=0.0).to(tl.float32)
+            sum_w += tl.sum(g * xhat, 0)
+            sum_b += tl.sum(g, 0)
+            gw = g * w[None, :]
+            ds = rstd[:, None] * (gw - (tl.sum(gw, 1)[:, None]
+                                        + xhat * tl.sum(gw * xhat, 1)[:, None]) / C)
+            tl.store(dx + offsets, ds.to(dx.dtype.element_ty), mask=ok)
+            tl.store(dbranch + offsets, (ds * factor).to(dbranch.dtype.element_ty), mask=ok)
+        tl.store(partial_w + tl.program_id(0) * C + cols, sum_w, mask=col_ok)
+        tl.store(partial_b + tl.program_id(0) * C + cols, sum_b, mask=col_ok)
+
+    def _launch(M: int, C: int, steps: int) -> tuple[tuple[int], dict[str, int]]:
+        grid = (triton.cdiv(M, ROWS * steps),)
+        return grid, {"ROWS": ROWS, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
+                      "num_warps": WARPS}
+
+    @triton_op("amt::residual_norm", mutates_args=())
+    def _residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
+                       row_scale: torch.Tensor | None, T: int, p: float,
+                       weight: torch.Tensor, bias: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        M, C = x.shape
+        y = torch.empty_like(x)
+        mean = x.new_empty(M, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        grid, meta = _launch(M, C, FORWARD_STEPS)
+        wrap_triton(_norm_forward_kernel)[grid](
+            x, branch, x if mask is None else mask, mean if row_scale is None else row_scale,
+            weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps,
+            HAS_MASK=mask is not None, HAS_SCALE=row_scale is not None, **meta)
+        return y, mean, rstd
+
+    @triton_op("amt::residual_norm_backward", mutates_args=())
+    def _residual_norm_backward(x: torch.Tensor, branch: torch.Tensor,
+                                mask: torch.Tensor | None, row_scale: torch.Tensor | None,
+                                T: int, p: float, weight: torch.Tensor, mean: torch.Tensor,
+                                rstd: torch.Tensor, dy: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                           torch.Tensor]:
+        M, C = x.shape
+        dx = torch.empty_like(x)
+        dbranch = torch.empty_like(branch)
+        grid, meta = _launch(M, C, BACKWARD_STEPS)
+        partial_w = x.new_empty(grid[0], C, dtype=torch.float32)
+        partial_b = torch.empty_like(partial_w)
+        wrap_triton(_norm_backward_kernel)[grid](
+            x, branch, x if mask is None else mask, mean if row_scale is None else row_scale,
+            weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, M, C, T,
+            1.0 / (1.0 - p), HAS_MASK=mask is not None, HAS_SCALE=row_scale is not None,
+            **meta)
+        return dx, dbranch, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+
+    def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        x, branch, mask, row_scale, T, p, weight, _, _ = inputs
+        ctx.save_for_backward(x, branch, mask, row_scale, weight, output[1], output[2])
+        ctx.T, ctx.p = T, p
+
+    def _backward(ctx, dy, _dmean, _drstd):  # type: ignore[no-untyped-def]
+        x, branch, mask, row_scale, weight, mean, rstd = ctx.saved_tensors
+        dx, dbranch, dw, db = _residual_norm_backward(x, branch, mask, row_scale, ctx.T, ctx.p,
+                                                      weight, mean, rstd, dy.contiguous())
+        return dx, dbranch, None, None, None, None, dw, db, None
+
+    _residual_norm.register_autograd(_backward, setup_context=_setup_context)
+
+
+def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
+                  row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm
+                  ) -> torch.Tensor:
+    """``norm(x + branch * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype, for ``x`` and
+    ``branch`` (B, T, C) (see the module docstring)."""
+    B, T, C = x.shape
+    flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
+    m = None if mask is None else mask.reshape(B * T, C).contiguous()
+    y, _, _ = _residual_norm(flat[0], flat[1], m, row_scale, T, float(p), norm.weight,
+                             norm.bias, float(norm.eps))
+    return y.view(B, T, C)
