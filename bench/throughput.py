@@ -281,10 +281,16 @@ def run_hf(cfg: Any, variant: Variant, vocab: int, amp_dtype: torch.dtype | None
 
 def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[str, Any]:
     """Ratios of tokens/s at each micro-batch size; ``ours_best`` is the faster of eager and
-    compiled (``train.compile`` is a config switch)."""
+    compiled (``train.compile`` is a config switch). With ``--profile`` also ``..._device_time``:
+    the reference's device seconds over ours in the two profiled steps (the same batches):
+    the kernels' ratio, blind to how fast the host kept up."""
     def tps(name: str) -> float | None:
         r = results.get(name)
         return r.get("tokens_per_s") if r and "error" not in r else None
+
+    def busy(name: str) -> float | None:  # device seconds of the two profiled steps
+        r = results.get(name)
+        return (r.get("profile") or {}).get("device_busy_s") if r else None
 
     out: dict[str, Any] = {}
     for size in sizes:
@@ -303,6 +309,12 @@ def comparisons(results: dict[str, dict[str, Any]], sizes: list[int]) -> dict[st
             for hf_mode, hf_v in hf.items():
                 if ours_v and hf_v:
                     row[f"ours_{ours_mode}_vs_hf_{hf_mode}"] = round(ours_v / hf_v, 3)
+        for ours_mode in ("eager", "compiled"):  # the profiled steps are the same batches
+            for hf_mode in ("eager", "compiled"):
+                a, b = (busy(f"{side}_{mode}_{k}") for side, mode in
+                        (("ours", ours_mode), ("hf", hf_mode)))
+                if a and b:
+                    row[f"ours_{ours_mode}_vs_hf_{hf_mode}_device_time"] = round(b / a, 3)
         for m in ("eager", "compiled"):
             causal = tps(f"ours_causal_{m}_{k}")
             ours_m = ours[m]
