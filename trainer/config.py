@@ -188,9 +188,9 @@ class TrainingConfig:
     # it): H200, 64k micro-batches, GELU 40.2 -> 32.0 ms of device time per two steps, 1.025x
     # the compiled step (BENCHMARKS.md P1); false: F.gelu, compiled by Inductor
     fused_mlp: bool = True
-    # on a GPU with Triton, post-norm's dropout + drop-path + residual add + LayerNorm in
-    # trainer.norm's two kernels, the LayerNorm's weight and bias gradients summed in the
-    # backward's pass; not yet measured on a GPU
+    # on a GPU with Triton, post-norm's dropout + drop-path + residual add (with the
+    # projection's bias) + LayerNorm in trainer.norm's two kernels, the LayerNorm's and the
+    # projection's bias gradients summed in the backward's pass; not yet measured on a GPU
     fused_norm: bool = False
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps

@@ -125,12 +125,16 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, add_bias: bool = True
+                ) -> torch.Tensor:
+        """The attention's output projection; without its bias if not ``add_bias`` (the
+        caller adds it: trainer.norm's kernels)."""
         B, T, C = x.shape
         dropout = self.dropout if self.training else 0.0
+        bias = self.proj.bias if add_bias else None
         if mask is not None and mask.dim() == 1:  # prefix ends (B,): the fused kernel
-            return self.proj(attention.fused_attention(self.qkv(x), rope, mask, self.n_heads,
-                                                       dropout))
+            y = attention.fused_attention(self.qkv(x), rope, mask, self.n_heads, dropout)
+            return F.linear(y, self.proj.weight, bias)
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
         if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
             q, k = apply_rotary(q, *rope, self.rope_pairs), apply_rotary(k, *rope, self.rope_pairs)
@@ -140,7 +144,7 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
         )  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return F.linear(y.transpose(1, 2).reshape(B, T, C), self.proj.weight, bias)
 
 
 class MLP(nn.Module):
@@ -152,10 +156,14 @@ class MLP(nn.Module):
         # the trainer where they can run: a GPU with Triton, train.fused_mlp)
         self.fused = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """The down-projection's output; without its bias if not ``add_bias`` (the caller
+        adds it: trainer.norm's kernels)."""
         if self.fused and self.training:
-            return self.down(gelu.bias_gelu(F.linear(x, self.up.weight), self.up.bias))
-        return self.down(F.gelu(self.up(x)))
+            h = gelu.bias_gelu(F.linear(x, self.up.weight), self.up.bias)
+        else:
+            h = F.gelu(self.up(x))
+        return F.linear(h, self.down.weight, self.down.bias if add_bias else None)
 
 
 def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
@@ -188,9 +196,11 @@ class Block(nn.Module):
         # trainer.norm's kernels (set by the trainer where they can run, train.fused_norm)
         self.fused_norm = False
 
-    def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm
-                 ) -> torch.Tensor:
-        if self.fused_norm and self.training and not self.pre_norm:
+    def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm,
+                 branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` plus the dropped-out ``branch``, normalised (post-norm); ``branch_bias``: the
+        bias the branch was computed without (only with the fused kernels, see forward)."""
+        if self.fuses_norm():
             mask = scale = None
             if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
                 seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
@@ -198,7 +208,8 @@ class Block(nn.Module):
             if self.stochastic_depth:
                 p = self.drop_path_p
                 scale = torch.empty(x.size(0), device=x.device).bernoulli_(1 - p) / (1 - p)
-            return norm_kernels.residual_norm(x, branch, mask, scale, self.dropout, norm)
+            return norm_kernels.residual_norm(x, branch, mask, scale, self.dropout, norm,
+                                              branch_bias)
         # compiled for a GPU: the mask from trainer.dropout's kernel, not Inductor's
         branch = dropout(branch, self.dropout, self.training)
         if self.stochastic_depth:
@@ -207,12 +218,20 @@ class Block(nn.Module):
         # post-norm: the stream keeps its input's dtype (autocast's LayerNorm returns fp32)
         return x if self.pre_norm else norm(x).type_as(x)
 
+    def fuses_norm(self) -> bool:
+        return self.fused_norm and self.training and not self.pre_norm
+
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+        # with trainer.norm's kernels, the projections' biases are added (and their gradients
+        # summed) there, not in the matmuls
+        fused = self.fuses_norm()
         h = self.norm1(x) if self.pre_norm else x
-        x = self.residual(x, self.attn(h, rope, mask, cache), self.norm1)
+        x = self.residual(x, self.attn(h, rope, mask, cache, add_bias=not fused), self.norm1,
+                          self.attn.proj.bias if fused else None)
         h = self.norm2(x) if self.pre_norm else x
-        return self.residual(x, self.mlp(h), self.norm2)
+        return self.residual(x, self.mlp(h, add_bias=not fused), self.norm2,
+                             self.mlp.down.bias if fused else None)
 
 
 class DecoderLM(nn.Module):

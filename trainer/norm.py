@@ -13,7 +13,10 @@ output in ``x``'s dtype (the residual stream's). Not yet measured on a GPU, so o
 
 ``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it) or
 None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
-depth's keep / (1 - p)) or is None.
+depth's keep / (1 - p)) or is None; ``branch_bias`` (C,) is the bias of the matmul that made
+the branch (then computed without it), its gradient summed in the same pass as the
+LayerNorm's (Inductor's separate column sum re-read the 64k x 768 gradient: 4.3 ms per two
+steps for the MLP's alone), or None.
 """
 
 from __future__ import annotations
@@ -44,14 +47,17 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _norm_forward_kernel(x, branch, mask, row_scale, weight, bias, y, mean_out, rstd_out,
-                             M, C, T, keep_scale, eps, HAS_MASK: tl.constexpr,
+    def _norm_forward_kernel(x, branch, branch_bias, mask, row_scale, weight, bias, y,
+                             mean_out, rstd_out, M, C, T, keep_scale, eps,
+                             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                              HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                              STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
         b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bb = tl.load(branch_bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         for step in range(STEPS):
             rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
             ok = (rows < M)[:, None] & col_ok[None, :]
@@ -59,6 +65,8 @@ if triton is not None:
             # the loads stay in the kernel: Inductor takes any pointer passed to a helper as
             # written (see trainer.gelu)
             br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                br += bb[None, :]
             if HAS_MASK:
                 br = tl.where(tl.load(mask + offsets, mask=ok, other=0) != 0, br * keep_scale,
                               0.0)
@@ -74,16 +82,19 @@ if triton is not None:
             tl.store(rstd_out + rows, rstd, mask=rows < M)
 
     @triton.jit
-    def _norm_backward_kernel(x, branch, mask, row_scale, weight, mean_in, rstd_in, dy, dx,
-                              dbranch, partial_w, partial_b, M, C, T, keep_scale,
-                              HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                              ROWS: tl.constexpr, STEPS: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
+    def _norm_backward_kernel(x, branch, branch_bias, mask, row_scale, weight, mean_in,
+                              rstd_in, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C,
+                              T, keep_scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                              HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
+                              STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bb = tl.load(branch_bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         sum_w = tl.zeros((BLOCK_C,), tl.float32)
         sum_b = tl.zeros((BLOCK_C,), tl.float32)
+        sum_bb = tl.zeros((BLOCK_C,), tl.float32)
         for step in range(STEPS):
             rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
             ok = (rows < M)[:, None] & col_ok[None, :]
@@ -95,6 +106,8 @@ if triton is not None:
             if HAS_SCALE:
                 factor *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
             br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                br += bb[None, :]
             s = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32) + br * factor
             mean = tl.load(mean_in + rows, mask=rows < M, other=0.0)
             rstd = tl.load(rstd_in + rows, mask=rows < M, other=0.0)
@@ -106,9 +119,13 @@ if triton is not None:
             ds = rstd[:, None] * (gw - (tl.sum(gw, 1)[:, None]
                                         + xhat * tl.sum(gw * xhat, 1)[:, None]) / C)
             tl.store(dx + offsets, ds.to(dx.dtype.element_ty), mask=ok)
-            tl.store(dbranch + offsets, (ds * factor).to(dbranch.dtype.element_ty), mask=ok)
+            d_branch = tl.where(ok, ds * factor, 0.0)
+            tl.store(dbranch + offsets, d_branch.to(dbranch.dtype.element_ty), mask=ok)
+            sum_bb += tl.sum(d_branch, 0)
         tl.store(partial_w + tl.program_id(0) * C + cols, sum_w, mask=col_ok)
         tl.store(partial_b + tl.program_id(0) * C + cols, sum_b, mask=col_ok)
+        if HAS_BIAS:
+            tl.store(partial_bb + tl.program_id(0) * C + cols, sum_bb, mask=col_ok)
 
     def _launch(M: int, C: int, steps: int) -> tuple[tuple[int], dict[str, int]]:
         grid = (triton.cdiv(M, ROWS * steps),)
@@ -116,9 +133,9 @@ if triton is not None:
                       "num_warps": WARPS}
 
     @triton_op("amt::residual_norm", mutates_args=())
-    def _residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
-                       row_scale: torch.Tensor | None, T: int, p: float,
-                       weight: torch.Tensor, bias: torch.Tensor, eps: float
+    def _residual_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
+                       mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
+                       p: float, weight: torch.Tensor, bias: torch.Tensor, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         M, C = x.shape
         y = torch.empty_like(x)
@@ -126,53 +143,65 @@ if triton is not None:
         rstd = torch.empty_like(mean)
         grid, meta = _launch(M, C, FORWARD_STEPS)
         wrap_triton(_norm_forward_kernel)[grid](
-            x, branch, x if mask is None else mask, mean if row_scale is None else row_scale,
+            x, branch, bias if branch_bias is None else branch_bias,
+            x if mask is None else mask, mean if row_scale is None else row_scale,
             weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps,
-            HAS_MASK=mask is not None, HAS_SCALE=row_scale is not None, **meta)
+            HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+            HAS_SCALE=row_scale is not None, **meta)
         return y, mean, rstd
 
     @triton_op("amt::residual_norm_backward", mutates_args=())
     def _residual_norm_backward(x: torch.Tensor, branch: torch.Tensor,
-                                mask: torch.Tensor | None, row_scale: torch.Tensor | None,
-                                T: int, p: float, weight: torch.Tensor, mean: torch.Tensor,
-                                rstd: torch.Tensor, dy: torch.Tensor
+                                branch_bias: torch.Tensor | None, mask: torch.Tensor | None,
+                                row_scale: torch.Tensor | None, T: int, p: float,
+                                weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                                dy: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                           torch.Tensor]:
+                                           torch.Tensor, torch.Tensor]:
         M, C = x.shape
         dx = torch.empty_like(x)
         dbranch = torch.empty_like(branch)
         grid, meta = _launch(M, C, BACKWARD_STEPS)
         partial_w = x.new_empty(grid[0], C, dtype=torch.float32)
         partial_b = torch.empty_like(partial_w)
+        partial_bb = torch.empty_like(partial_w) if branch_bias is not None else partial_w
         wrap_triton(_norm_backward_kernel)[grid](
-            x, branch, x if mask is None else mask, mean if row_scale is None else row_scale,
-            weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, M, C, T,
-            1.0 / (1.0 - p), HAS_MASK=mask is not None, HAS_SCALE=row_scale is not None,
-            **meta)
-        return dx, dbranch, partial_w.sum(0).to(weight.dtype), partial_b.sum(0).to(weight.dtype)
+            x, branch, weight if branch_bias is None else branch_bias,
+            x if mask is None else mask, mean if row_scale is None else row_scale,
+            weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C, T,
+            1.0 / (1.0 - p), HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+            HAS_SCALE=row_scale is not None, **meta)
+        # the branch bias's gradient (zeros when there is none: an op returns tensors only)
+        dbb = (partial_bb.sum(0) if branch_bias is not None else weight.new_zeros(C))
+        return (dx, dbranch, partial_w.sum(0).to(weight.dtype),
+                partial_b.sum(0).to(weight.dtype),
+                dbb.to(weight.dtype if branch_bias is None else branch_bias.dtype))
 
     def _setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
-        x, branch, mask, row_scale, T, p, weight, _, _ = inputs
-        ctx.save_for_backward(x, branch, mask, row_scale, weight, output[1], output[2])
+        x, branch, branch_bias, mask, row_scale, T, p, weight, _, _ = inputs
+        ctx.save_for_backward(x, branch, branch_bias, mask, row_scale, weight, output[1],
+                              output[2])
         ctx.T, ctx.p = T, p
 
     def _backward(ctx, dy, _dmean, _drstd):  # type: ignore[no-untyped-def]
-        x, branch, mask, row_scale, weight, mean, rstd = ctx.saved_tensors
-        dx, dbranch, dw, db = _residual_norm_backward(x, branch, mask, row_scale, ctx.T, ctx.p,
-                                                      weight, mean, rstd, dy.contiguous())
-        return dx, dbranch, None, None, None, None, dw, db, None
+        x, branch, branch_bias, mask, row_scale, weight, mean, rstd = ctx.saved_tensors
+        dx, dbranch, dw, db, dbb = _residual_norm_backward(
+            x, branch, branch_bias, mask, row_scale, ctx.T, ctx.p, weight, mean, rstd,
+            dy.contiguous())
+        return (dx, dbranch, dbb if branch_bias is not None else None, None, None, None, None,
+                dw, db, None)
 
     _residual_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
 def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
-                  row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm
-                  ) -> torch.Tensor:
-    """``norm(x + branch * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype, for ``x`` and
-    ``branch`` (B, T, C) (see the module docstring)."""
+                  row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
+                  branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``norm(x + (branch + branch_bias) * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype,
+    for ``x`` and ``branch`` (B, T, C) (see the module docstring)."""
     B, T, C = x.shape
     flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
     m = None if mask is None else mask.reshape(B * T, C).contiguous()
-    y, _, _ = _residual_norm(flat[0], flat[1], m, row_scale, T, float(p), norm.weight,
-                             norm.bias, float(norm.eps))
+    y, _, _ = _residual_norm(flat[0], flat[1], branch_bias, m, row_scale, T, float(p),
+                             norm.weight, norm.bias, float(norm.eps))
     return y.view(B, T, C)

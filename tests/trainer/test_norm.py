@@ -15,8 +15,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def reference(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
-              scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    b = branch.float()
+              scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
+              branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+    b = branch.float() if branch_bias is None else branch.float() + branch_bias
     if mask is not None:
         b = b * mask / (1 - p)
     if scale is not None:
@@ -32,14 +33,16 @@ def _norm(C: int) -> torch.nn.LayerNorm:
     return norm
 
 
-@pytest.mark.parametrize(("shape", "masked", "scaled"), [
-    ((3, 5, 40), True, True), ((2, 37, 24), True, False), ((4, 3, 16), False, True),
-    ((1, 2, 8), False, False),
+@pytest.mark.parametrize(("shape", "masked", "scaled", "biased"), [
+    ((3, 5, 40), True, True, True), ((2, 37, 24), True, False, False),
+    ((4, 3, 16), False, True, True), ((1, 2, 8), False, False, False),
+    ((2, 40, 24), True, True, True),
 ])
 def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked: bool,
-                                            scaled: bool) -> None:
+                                            scaled: bool, biased: bool) -> None:
     """Rows over several programs and a partial one, widths not a power of two; with and
-    without the dropout mask and the per-sequence scale; every gradient."""
+    without the dropout mask, the per-sequence scale and the branch's bias; every
+    gradient."""
     torch.manual_seed(0)
     B, T, C = shape
     x = torch.randn(*shape, device=DEVICE, requires_grad=True)
@@ -48,16 +51,19 @@ def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked:
     scale = (torch.tensor([0.0, 1 / 0.9, 1 / 0.9, 0.0], device=DEVICE)[:B] if scaled
              else None)
     norm = _norm(C)
+    bias = torch.randn(C, device=DEVICE, requires_grad=True) if biased else None
     grad = torch.randn(*shape, device=DEVICE)
-    y = residual_norm(x, branch, mask, scale, 0.1, norm)
+    y = residual_norm(x, branch, mask, scale, 0.1, norm, bias)
     y.backward(grad)
-    ours = [x.grad, branch.grad, norm.weight.grad, norm.bias.grad]
-    x.grad = branch.grad = norm.weight.grad = norm.bias.grad = None
-    ref = reference(x, branch, mask, scale, 0.1, norm)
+    tensors = [x, branch, norm.weight, norm.bias] + ([bias] if bias is not None else [])
+    ours = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    ref = reference(x, branch, mask, scale, 0.1, norm, bias)
     ref.backward(grad)
     torch.testing.assert_close(y, ref)
-    for a, b in zip(ours, [x.grad, branch.grad, norm.weight.grad, norm.bias.grad], strict=True):
-        torch.testing.assert_close(a, b)
+    for a, t in zip(ours, tensors, strict=True):
+        torch.testing.assert_close(a, t.grad)
 
 
 def test_bf16_stream_keeps_its_dtype() -> None:
@@ -118,15 +124,17 @@ def test_compiled_bf16_with_dropout_matches_reference() -> None:
         mask = dropout_mask([B, T, 768], 0.1, torch.tensor([7], device=DEVICE))
         scale = (torch.rand(B, device=DEVICE) > 0.1).float() / 0.9
         grad = torch.randn(B, T, 768, device=DEVICE).bfloat16()
-        y = f(x, branch, mask, scale, 0.1, norm)
+        bias = (torch.randn(768, device=DEVICE) * 0.1).requires_grad_()
+        y = f(x, branch, mask, scale, 0.1, norm, bias)
         y.backward(grad)
-        ours = [x.grad, branch.grad, norm.weight.grad, norm.bias.grad]
-        x.grad = branch.grad = norm.weight.grad = norm.bias.grad = None
-        ref = reference(x, branch, mask, scale, 0.1, norm)
+        tensors = [x, branch, norm.weight, norm.bias, bias]
+        ours = [t.grad for t in tensors]
+        for t in tensors:
+            t.grad = None
+        ref = reference(x, branch, mask, scale, 0.1, norm, bias)
         ref.backward(grad)
         torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
-        for a, b in zip(ours, [x.grad, branch.grad, norm.weight.grad, norm.bias.grad],
-                        strict=True):
-            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
-                                       atol=1e-2 * b.abs().max().item())
+        for a, t in zip(ours, tensors, strict=True):
+            torch.testing.assert_close(a.float(), t.grad.float(), rtol=2e-2,
+                                       atol=1e-2 * t.grad.abs().max().item())
         norm.weight.grad = norm.bias.grad = None
