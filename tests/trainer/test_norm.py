@@ -36,7 +36,7 @@ def _norm(C: int) -> torch.nn.LayerNorm:
 @pytest.mark.parametrize(("shape", "masked", "scaled", "biased"), [
     ((3, 5, 40), True, True, True), ((2, 37, 24), True, False, False),
     ((4, 3, 16), False, True, True), ((1, 2, 8), False, False, False),
-    ((2, 40, 24), True, True, True),
+    ((2, 40, 24), True, True, True), ((2, 35, 768), True, True, True),
 ])
 def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked: bool,
                                             scaled: bool, biased: bool) -> None:
