@@ -64,6 +64,11 @@ lane1() {
   echo "=== tests/trainer/test_cuda.py -k decoding on GPU $gpu"  # CUDA-graph decoding checked
   CUDA_VISIBLE_DEVICES=$gpu timeout 90 python3 -m pytest -q -p no:cacheprovider \
     tests/trainer/test_cuda.py -k decoding > "$OUT/test_cuda.log" 2>&1; tail -n 3 "$OUT/test_cuda.log"
+  echo "=== the trainer's Triton kernels on GPU $gpu (compiled, bf16)"
+  CUDA_VISIBLE_DEVICES=$gpu timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    tests/trainer/test_loss.py tests/trainer/test_gelu.py tests/trainer/test_norm.py \
+    tests/trainer/test_kernel_writes.py > "$OUT/test_kernels.log" 2>&1
+  tail -n 3 "$OUT/test_kernels.log"
   bench "$gpu" 270 ablation --work-dir "$AMT_HOME/ablation" --variants "$ABLATION_VARIANTS"
   run=$(ls -d "$AMT_HOME"/ablation/*/ 2>/dev/null | while read -r d; do
           [ -f "$d/result.json" ] && echo "$d"; done | head -n 1)
