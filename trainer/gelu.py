@@ -46,6 +46,15 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _tile(M, N, stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's (BLOCK_M, BLOCK_N) tile: element offsets, mask, columns (indices
+        only: a helper given pointers would make Inductor copy them, see the docstring)."""
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < M)[:, None] & (cols < N)[None, :]
+        return rows[:, None] * stride + cols[None, :], mask, cols
+
+    @triton.jit
     def _cdf_pdf(h, FAST_ERF: tl.constexpr):
         """The standard normal's CDF and density at ``h`` (float32). FAST_ERF: erf by
         Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, below float32's resolution of the
@@ -64,11 +73,8 @@ if triton is not None:
     @triton.jit
     def _gelu_forward_kernel(x, b, y, M, N, stride, BLOCK_M: tl.constexpr,
                              BLOCK_N: tl.constexpr, FAST_ERF: tl.constexpr):
+        offsets, mask, cols = _tile(M, N, stride, BLOCK_M, BLOCK_N)
         # the loads stay in the kernel (see the module docstring)
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        offsets = rows[:, None] * stride + cols[None, :]
         h = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
         h += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         cdf, _ = _cdf_pdf(h, FAST_ERF)
@@ -77,12 +83,8 @@ if triton is not None:
     @triton.jit
     def _gelu_backward_kernel(x, b, dy, dx, partial, M, N, stride, BLOCK_M: tl.constexpr,
                               BLOCK_N: tl.constexpr, FAST_ERF: tl.constexpr):
-        # the pre-activation x + b, as in the forward
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        offsets = rows[:, None] * stride + cols[None, :]
-        h = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)
+        offsets, mask, cols = _tile(M, N, stride, BLOCK_M, BLOCK_N)
+        h = tl.load(x + offsets, mask=mask, other=0.0).to(tl.float32)  # x + b, as forward
         h += tl.load(b + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         g = tl.load(dy + offsets, mask=mask, other=0.0).to(tl.float32)
         cdf, pdf = _cdf_pdf(h, FAST_ERF)
