@@ -24,7 +24,7 @@ try:
 except ImportError:  # CPU-only installs: F.dropout everywhere
     triton = None
 
-__all__ = ["dropout", "dropout_mask"]
+__all__ = ["dropout", "dropout_mask", "random_mask"]
 
 BLOCK = 4096  # mask elements per program (512 Philox calls)
 
@@ -59,6 +59,12 @@ def dropout_mask(shape: list[int], p: float, seed: torch.Tensor) -> torch.Tensor
     return _dropout_mask(seed, list(shape), round(p * 2**16))
 
 
+def random_mask(shape: list[int], p: float, device: torch.device) -> torch.Tensor:
+    """A fresh keep mask: :func:`dropout_mask` on a seed drawn from the device's generator."""
+    seed = torch.randint(0, 2**31 - 1, (1,), device=device)
+    return dropout_mask(shape, p, seed)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """``F.dropout(x, p, training)``; while Dynamo traces a graph for a GPU, with the mask from
     :func:`dropout_mask` (see the module docstring)."""
@@ -66,5 +72,4 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if triton is None or not x.is_cuda or not torch.compiler.is_compiling():
         return F.dropout(x, p, True)
-    seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-    return x * dropout_mask(list(x.shape), p, seed) * (1.0 / (1.0 - p))
+    return x * random_mask(list(x.shape), p, x.device) * (1.0 / (1.0 - p))

@@ -41,7 +41,7 @@ if triton is not None:
 
     @triton.jit
     def _ce_forward_kernel(z, targets, loss, nll, lse_out, V, stride, smoothing, ignore,
-                        BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr):
         """Row ``program_id``: its log-sum-exp, NLL and smoothed loss (0 if ignored)."""
         row = tl.program_id(0).to(tl.int64)
         zrow = z + row * stride
@@ -67,8 +67,8 @@ if triton is not None:
         tl.store(lse_out + row, lse)
 
     @triton.jit
-    def _ce_backward_kernel(z, targets, lse, g_loss, g_nll, dz, V, stride, d_stride, g_stride,
-                         smoothing, ignore, BLOCK: tl.constexpr):
+    def _ce_backward_kernel(z, targets, lse, g_loss, g_nll, dz, V, stride, d_stride,
+                            g_stride, smoothing, ignore, BLOCK: tl.constexpr):
         """The gradient of row ``program_id``'s logits from its loss's and NLL's."""
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(targets + row)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer import attention, gelu
 from trainer import norm as norm_kernels
 from trainer.config import ModelConfig
-from trainer.dropout import dropout, dropout_mask
+from trainer.dropout import dropout, random_mask
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
 
@@ -172,8 +172,13 @@ def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
     every layer's rate)."""
     if not training:
         return x
-    keep = x.new_empty(x.size(0), 1, 1).bernoulli_(1 - p)
-    return x * keep / (1 - p)
+    return x * drop_path_keep(x.size(0), p, x)[:, None, None] / (1 - p)
+
+
+def drop_path_keep(rows: int, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(rows,) 1 where a row keeps its branch, 0 (probability ``p``) where stochastic depth
+    drops it, in ``like``'s dtype and device."""
+    return like.new_empty(rows).bernoulli_(1 - p)
 
 
 class Block(nn.Module):
@@ -203,11 +208,10 @@ class Block(nn.Module):
         if self.fuses_norm():
             mask = scale = None
             if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
-                seed = torch.randint(0, 2**31 - 1, (1,), device=x.device)
-                mask = dropout_mask(list(branch.shape), self.dropout, seed)
-            if self.stochastic_depth:
+                mask = random_mask(list(branch.shape), self.dropout, x.device)
+            if self.stochastic_depth:  # and as drop_path's
                 p = self.drop_path_p
-                scale = torch.empty(x.size(0), device=x.device).bernoulli_(1 - p) / (1 - p)
+                scale = drop_path_keep(x.size(0), p, x).float() / (1 - p)
             return norm_kernels.residual_norm(x, branch, mask, scale, self.dropout, norm,
                                               branch_bias)
         # compiled for a GPU: the mask from trainer.dropout's kernel, not Inductor's
