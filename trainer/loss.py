@@ -43,6 +43,7 @@ if triton is not None:
     def _ce_forward_kernel(z, targets, loss, nll, lse_out, V, stride, smoothing, ignore,
                            BLOCK: tl.constexpr):
         """Row ``program_id``: its log-sum-exp, NLL and smoothed loss (0 if ignored)."""
+        smoothing = tl.cast(smoothing, tl.float32)  # Inductor may pass a Python float as float64
         row = tl.program_id(0).to(tl.int64)
         zrow = z + row * stride
         cols = tl.arange(0, BLOCK)
@@ -70,6 +71,7 @@ if triton is not None:
     def _ce_backward_kernel(z, targets, lse, g_loss, g_nll, dz, V, stride, d_stride,
                             g_stride, smoothing, ignore, BLOCK: tl.constexpr):
         """The gradient of row ``program_id``'s logits from its loss's and NLL's."""
+        smoothing = tl.cast(smoothing, tl.float32)  # as in the forward: no float64 per element
         row = tl.program_id(0).to(tl.int64)
         t = tl.load(targets + row)
         keep = t != ignore

@@ -52,6 +52,9 @@ if triton is not None:
                              HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                              HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                              STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        # compiled with dynamic shapes, Inductor passes Python floats as float64: the
+        # arithmetic stays in float32
+        keep_scale, eps = tl.cast(keep_scale, tl.float32), tl.cast(eps, tl.float32)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -87,6 +90,7 @@ if triton is not None:
                               T, keep_scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                               HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                               STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        keep_scale = tl.cast(keep_scale, tl.float32)  # float64 from Inductor (see the forward)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < C
         w = tl.load(weight + cols, mask=col_ok, other=0.0).to(tl.float32)
