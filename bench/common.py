@@ -548,6 +548,7 @@ KERNEL_KINDS = [
     ("dropout_mask", r"^_mask_kernel"),
     ("cross_entropy", r"^_ce_"),
     ("gelu", r"^_gelu_"),
+    ("residual_norm", r"^_norm_"),
     ("matmul", r"nvjet|gemm|cutlass|xmma|sm90_|cublas"),
     ("optimizer_ema", r"multi_tensor|fused_adam|foreach|lerp"),
     ("triton_fused", r"^triton_"),
