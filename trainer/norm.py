@@ -32,10 +32,10 @@ except ImportError:  # CPU-only installs: Block.residual's plain path
 
 __all__ = ["available", "residual_norm"]
 
-# rows per step of a program's loop, steps per program (the backward's partial weight/bias
-# sums cover ROWS * STEPS rows each: 64k rows make 2,048 of them), warps. One row of 768 in
-# 4 warps: 64 and 149 registers, no spills (ptxas, sm_90a); 8 rows in 8 warps spilled
-ROWS, FORWARD_STEPS, BACKWARD_STEPS, WARPS = 1, 8, 32, 4
+# (rows per step of a program's loop, steps per program, warps) of each kernel; the backward's
+# partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). One row
+# of 768 in 4 warps: 72 and 189 registers, no spills (ptxas, sm_90a); 8 rows in 8 warps spilled
+FORWARD, BACKWARD = (1, 8, 4), (1, 32, 4)
 
 
 def available(device: torch.device) -> bool:
@@ -131,10 +131,12 @@ if triton is not None:
         if HAS_BIAS:
             tl.store(partial_bb + tl.program_id(0) * C + cols, sum_bb, mask=col_ok)
 
-    def _launch(M: int, C: int, steps: int) -> tuple[tuple[int], dict[str, int]]:
-        grid = (triton.cdiv(M, ROWS * steps),)
-        return grid, {"ROWS": ROWS, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
-                      "num_warps": WARPS}
+    def _launch(M: int, C: int, tiles: tuple[int, int, int]
+                ) -> tuple[tuple[int], dict[str, int]]:
+        rows, steps, warps = tiles
+        grid = (triton.cdiv(M, rows * steps),)
+        return grid, {"ROWS": rows, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
+                      "num_warps": warps}
 
     @triton_op("amt::residual_norm", mutates_args=())
     def _residual_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
@@ -145,7 +147,7 @@ if triton is not None:
         y = torch.empty_like(x)
         mean = x.new_empty(M, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        grid, meta = _launch(M, C, FORWARD_STEPS)
+        grid, meta = _launch(M, C, FORWARD)
         wrap_triton(_norm_forward_kernel)[grid](
             x, branch, bias if branch_bias is None else branch_bias,
             x if mask is None else mask, mean if row_scale is None else row_scale,
@@ -165,7 +167,7 @@ if triton is not None:
         M, C = x.shape
         dx = torch.empty_like(x)
         dbranch = torch.empty_like(branch)
-        grid, meta = _launch(M, C, BACKWARD_STEPS)
+        grid, meta = _launch(M, C, BACKWARD)
         partial_w = x.new_empty(grid[0], C, dtype=torch.float32)
         partial_b = torch.empty_like(partial_w)
         partial_bb = torch.empty_like(partial_w) if branch_bias is not None else partial_w

@@ -23,12 +23,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ADMIN_URL = os.environ.get("TEST_DB_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 NEEDS_DB = {"storage_overhead", "idle", "pruning", "scaling"}
-TRITON_ONLY = {"attention", "gelu"}
+TRITON_ONLY = {"attention", "gelu", "norm"}
 ARGS: dict[str, list[str]] = {
     "throughput": ["--budget-s", "120", "--profile"],
     "block": ["--variants", "current", "--backend", "aot_eager"],  # no C++ compile: ~75 s
     "attention": [],  # in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET)
     "gelu": [],  # likewise
+    "norm": [],  # likewise
     "real_run": [],
     "ablation": [],
     "real_run_describe": ["--describe"],
@@ -146,6 +147,14 @@ def test_gelu(runs: dict[str, Any]) -> None:
     assert r["inductor"]["fwd_ms"] > 0 and r["copy_ms"] > 0
     assert len(r["results"]) == 2 and r["best"]["blocks"] in r["results"]
     assert {"floor_ms", "fast_bwd_ms", "libdevice_bwd_ms"} <= set(r["best"])
+
+
+def test_norm(runs: dict[str, Any]) -> None:
+    r = result(runs, "norm")
+    assert r["inductor"]["fwd_ms"] > 0 and r["inductor"]["fwd_bwd_ms"] > 0
+    assert len(r["forward"]) == 2 and len(r["backward"]) == 2
+    assert r["best"]["forward"] in r["forward"] and r["best"]["backward"] in r["backward"]
+    assert {"fwd_vs_inductor", "fwd_bwd_vs_inductor", "copy_gb_per_s"} <= set(r["comparison"])
 
 
 def test_real_run(runs: dict[str, Any]) -> None:
