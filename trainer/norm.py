@@ -8,8 +8,8 @@ branch (H200, report shape, 64k-token micro-batches: ~20 ms of ~31 ms of such ke
 steps, BENCHMARKS.md P1). Here the backward recomputes the normalised input from ``x``, the
 branch and the mask, writes both input gradients and each program's partial weight and bias
 sums in one pass; a small sum over the programs finishes them. Statistics in float32; the
-output in ``x``'s dtype (the residual stream's). Not yet measured on a GPU, so off by default
-(``train.fused_norm``).
+output in ``x``'s dtype (the residual stream's). On by default (``train.fused_norm``): on the
+H200 the compiled step's device time fell 1.2 % (BENCHMARKS.md P1, session 11).
 
 ``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it) or
 None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
@@ -20,6 +20,8 @@ steps for the MLP's alone), or None.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -33,9 +35,11 @@ except ImportError:  # CPU-only installs: Block.residual's plain path
 __all__ = ["available", "residual_norm"]
 
 # (rows per step of a program's loop, steps per program, warps) of each kernel; the backward's
-# partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). One row
-# of 768 in 4 warps: 72 and 189 registers, no spills (ptxas, sm_90a); 8 rows in 8 warps spilled
-FORWARD, BACKWARD = (1, 8, 4), (1, 32, 4)
+# partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). H200,
+# 64k x 768 bf16 (bench.norm, session 11): forward 4 rows in 4 warps 0.098 ms (1 row x 8 steps:
+# 0.109; Inductor's own, without the statistics: 0.093); backward 1 row x 32 steps in 4 warps
+# 0.200 ms (8 steps: 0.191, but four times the partial sums to write and add up)
+FORWARD, BACKWARD = (4, 1, 4), (1, 32, 4)
 
 
 def available(device: torch.device) -> bool:
@@ -138,22 +142,51 @@ if triton is not None:
         return grid, {"ROWS": rows, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
                       "num_warps": warps}
 
+    def forward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
+                       mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
+                       p: float, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       y: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+                       ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+        """The forward kernel's grid, arguments and keywords (the op launches them; bench.norm
+        launches the kernel alone). Absent tensors are stood in for by ones never read."""
+        M, C = x.shape
+        grid, meta = _launch(M, C, FORWARD)
+        args = (x, branch, bias if branch_bias is None else branch_bias,
+                x if mask is None else mask, mean if row_scale is None else row_scale,
+                weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps)
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+                                HAS_SCALE=row_scale is not None, **meta)
+
+    def backward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
+                        mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
+                        p: float, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        dy: torch.Tensor, dx: torch.Tensor, dbranch: torch.Tensor
+                        ) -> tuple[tuple[int], tuple[Any, ...], dict[str, Any]]:
+        """As :func:`forward_launch`, for the backward kernel; its partial sums (programs x C,
+        float32: weight, bias, branch bias) are the last three arguments."""
+        M, C = x.shape
+        grid, meta = _launch(M, C, BACKWARD)
+        partial_w = x.new_empty(grid[0], C, dtype=torch.float32)
+        partial_b = torch.empty_like(partial_w)
+        partial_bb = torch.empty_like(partial_w) if branch_bias is not None else partial_w
+        args = (x, branch, weight if branch_bias is None else branch_bias,
+                x if mask is None else mask, mean if row_scale is None else row_scale,
+                weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C, T,
+                1.0 / (1.0 - p))
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+                                HAS_SCALE=row_scale is not None, **meta)
+
     @triton_op("amt::residual_norm", mutates_args=())
     def _residual_norm(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
                        mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
                        p: float, weight: torch.Tensor, bias: torch.Tensor, eps: float
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        M, C = x.shape
         y = torch.empty_like(x)
-        mean = x.new_empty(M, dtype=torch.float32)
+        mean = x.new_empty(x.shape[0], dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        grid, meta = _launch(M, C, FORWARD)
-        wrap_triton(_norm_forward_kernel)[grid](
-            x, branch, bias if branch_bias is None else branch_bias,
-            x if mask is None else mask, mean if row_scale is None else row_scale,
-            weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps,
-            HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
-            HAS_SCALE=row_scale is not None, **meta)
+        grid, args, kwargs = forward_launch(x, branch, branch_bias, mask, row_scale, T, p,
+                                            weight, bias, eps, y, mean, rstd)
+        wrap_triton(_norm_forward_kernel)[grid](*args, **kwargs)
         return y, mean, rstd
 
     @triton_op("amt::residual_norm_backward", mutates_args=())
@@ -164,19 +197,13 @@ if triton is not None:
                                 dy: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                            torch.Tensor, torch.Tensor]:
-        M, C = x.shape
         dx = torch.empty_like(x)
         dbranch = torch.empty_like(branch)
-        grid, meta = _launch(M, C, BACKWARD)
-        partial_w = x.new_empty(grid[0], C, dtype=torch.float32)
-        partial_b = torch.empty_like(partial_w)
-        partial_bb = torch.empty_like(partial_w) if branch_bias is not None else partial_w
-        wrap_triton(_norm_backward_kernel)[grid](
-            x, branch, weight if branch_bias is None else branch_bias,
-            x if mask is None else mask, mean if row_scale is None else row_scale,
-            weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C, T,
-            1.0 / (1.0 - p), HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
-            HAS_SCALE=row_scale is not None, **meta)
+        grid, args, kwargs = backward_launch(x, branch, branch_bias, mask, row_scale, T, p,
+                                             weight, mean, rstd, dy, dx, dbranch)
+        wrap_triton(_norm_backward_kernel)[grid](*args, **kwargs)
+        partial_w, partial_b, partial_bb = args[11:14]
+        C = x.shape[1]
         # the branch bias's gradient (zeros when there is none: an op returns tensors only)
         dbb = (partial_bb.sum(0) if branch_bias is not None else weight.new_zeros(C))
         return (dx, dbranch, partial_w.sum(0).to(weight.dtype),
