@@ -342,6 +342,7 @@ class Run:
                 module.fused = cfg.train.fused_mlp and gelu.available(self.device)
             if isinstance(module, Block):
                 module.fused_norm = cfg.train.fused_norm and norm_kernels.available(self.device)
+                module.norm_draws = cfg.train.fused_norm_draws
         self.ema = None
         if cfg.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()

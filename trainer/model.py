@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer import attention, gelu
 from trainer import norm as norm_kernels
 from trainer.config import ModelConfig
-from trainer.dropout import dropout, random_mask
+from trainer.dropout import dropout, random_mask, random_seed
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
 
@@ -200,6 +200,8 @@ class Block(nn.Module):
         # in post-norm training, dropout, drop-path, the residual add and the LayerNorm in
         # trainer.norm's kernels (set by the trainer where they can run, train.fused_norm)
         self.fused_norm = False
+        # and there, the dropout mask drawn inside the kernels from a seed (train.fused_norm_draws)
+        self.norm_draws = False
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm,
                  branch_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,7 +209,9 @@ class Block(nn.Module):
         bias the branch was computed without (only with the fused kernels, see forward)."""
         if self.fuses_norm():
             mask = scale = None
-            if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
+            if self.dropout > 0 and self.norm_draws and norm_kernels.draws_in_kernel(x.size(-1)):
+                mask = random_seed(x.device)  # the kernels draw what dropout_mask would
+            elif self.dropout > 0:  # the same draws as trainer.dropout.dropout's
                 mask = random_mask(list(branch.shape), self.dropout, x.device)
             if self.stochastic_depth:  # and as drop_path's
                 p = self.drop_path_p

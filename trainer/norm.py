@@ -9,9 +9,15 @@ steps, BENCHMARKS.md P1). Here the backward recomputes the normalised input from
 branch and the mask, writes both input gradients and each program's partial weight and bias
 sums in one pass; a small sum over the programs finishes them. Statistics in float32; the
 output in ``x``'s dtype (the residual stream's). On by default (``train.fused_norm``): on the
-H200 the compiled step's device time fell 1.2 % (BENCHMARKS.md P1, session 11).
+H200 the compiled step's device time fell 1.2-1.7 % (BENCHMARKS.md P1, session 11), mostly
+because the output projections' matmuls lose their bias epilogues; kernel for kernel the
+norm path takes about what Inductor's did (Inductor 2.11 already fuses the LayerNorm
+backward's column sums into one kernel).
 
-``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it) or
+``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it), or the
+(1,) int64 seed it would be drawn from: the kernels then draw each element's keep themselves,
+the same bits (``train.fused_norm_draws``; no 64k x 768 mask written by a kernel of its own
+and read twice: ~150 MB less traffic per norm and micro-batch; not yet measured on a GPU), or
 None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
 depth's keep / (1 - p)) or is None; ``branch_bias`` (C,) is the bias of the matmul that made
 the branch (then computed without it), its gradient summed in the same pass as the
@@ -32,7 +38,7 @@ try:
 except ImportError:  # CPU-only installs: Block.residual's plain path
     triton = None
 
-__all__ = ["available", "residual_norm"]
+__all__ = ["available", "draws_in_kernel", "residual_norm"]
 
 # (rows per step of a program's loop, steps per program, warps) of each kernel; the backward's
 # partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). H200,
@@ -51,9 +57,22 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _draws(seed, rows, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """(ROWS, BLOCK_C) 16-bit draws of elements ``rows[:, None] * C + cols``, the same as
+        ``trainer.dropout``'s mask kernel gives them (Philox counter ``i // 8``, four 32-bit
+        numbers split in two 16-bit halves): one Philox call per 8 elements of a row, which
+        needs C a multiple of 8. Scalars only: the seed is loaded by the kernel."""
+        G: tl.constexpr = BLOCK_C // 8
+        counters = rows[:, None] * (C // 8) + tl.arange(0, G)[None, :]
+        r0, r1, r2, r3 = tl.randint4x(seed, counters)
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, BLOCK_C // 2))
+        u = r.to(tl.uint32, bitcast=True)
+        return tl.reshape(tl.join(u & 0xFFFF, u >> 16), (ROWS, BLOCK_C))
+
+    @triton.jit
     def _norm_forward_kernel(x, branch, branch_bias, mask, row_scale, weight, bias, y,
-                             mean_out, rstd_out, M, C, T, keep_scale, eps,
-                             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                             mean_out, rstd_out, M, C, T, keep_scale, threshold, eps,
+                             HAS_BIAS: tl.constexpr, MASK: tl.constexpr,
                              HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                              STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         # compiled with dynamic shapes, Inductor passes Python floats as float64: the
@@ -65,6 +84,8 @@ if triton is not None:
         b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bb = tl.load(branch_bias + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if MASK == 2:
+            seed = tl.load(mask)
         for step in range(STEPS):
             rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
             ok = (rows < M)[:, None] & col_ok[None, :]
@@ -74,9 +95,12 @@ if triton is not None:
             br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 br += bb[None, :]
-            if HAS_MASK:
+            if MASK == 1:
                 br = tl.where(tl.load(mask + offsets, mask=ok, other=0) != 0, br * keep_scale,
                               0.0)
+            if MASK == 2:
+                br = tl.where(_draws(seed, rows, C, ROWS, BLOCK_C) >= threshold,
+                              br * keep_scale, 0.0)
             if HAS_SCALE:
                 br *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
             s = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32) + br
@@ -91,7 +115,8 @@ if triton is not None:
     @triton.jit
     def _norm_backward_kernel(x, branch, branch_bias, mask, row_scale, weight, mean_in,
                               rstd_in, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C,
-                              T, keep_scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                              T, keep_scale, threshold, HAS_BIAS: tl.constexpr,
+                              MASK: tl.constexpr,
                               HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                               STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         keep_scale = tl.cast(keep_scale, tl.float32)  # float64 from Inductor (see the forward)
@@ -103,13 +128,18 @@ if triton is not None:
         sum_w = tl.zeros((BLOCK_C,), tl.float32)
         sum_b = tl.zeros((BLOCK_C,), tl.float32)
         sum_bb = tl.zeros((BLOCK_C,), tl.float32)
+        if MASK == 2:
+            seed = tl.load(mask)
         for step in range(STEPS):
             rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
             ok = (rows < M)[:, None] & col_ok[None, :]
             offsets = rows[:, None] * C + cols[None, :]
             factor = tl.full((ROWS, BLOCK_C), 1.0, tl.float32)  # d s / d branch
-            if HAS_MASK:
+            if MASK == 1:
                 keep = tl.load(mask + offsets, mask=ok, other=0) != 0
+                factor = tl.where(keep, keep_scale, 0.0)
+            if MASK == 2:
+                keep = _draws(seed, rows, C, ROWS, BLOCK_C) >= threshold
                 factor = tl.where(keep, keep_scale, 0.0)
             if HAS_SCALE:
                 factor *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
@@ -142,6 +172,14 @@ if triton is not None:
         return grid, {"ROWS": rows, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
                       "num_warps": warps}
 
+    def _mask_kind(mask: torch.Tensor | None) -> int:
+        """The kernels' MASK: 0 none, 1 a bool keep mask, 2 a (1,) int64 seed to draw it from."""
+        return 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+
+    def _threshold(p: float) -> int:
+        """A draw (16 bits) keeps its element when >= this (as trainer.dropout.dropout_mask)."""
+        return round(p * 2**16)
+
     def forward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
                        mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
                        p: float, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -153,8 +191,8 @@ if triton is not None:
         grid, meta = _launch(M, C, FORWARD)
         args = (x, branch, bias if branch_bias is None else branch_bias,
                 x if mask is None else mask, mean if row_scale is None else row_scale,
-                weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps)
-        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+                weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), _threshold(p), eps)
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, MASK=_mask_kind(mask),
                                 HAS_SCALE=row_scale is not None, **meta)
 
     def backward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
@@ -172,8 +210,8 @@ if triton is not None:
         args = (x, branch, weight if branch_bias is None else branch_bias,
                 x if mask is None else mask, mean if row_scale is None else row_scale,
                 weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C, T,
-                1.0 / (1.0 - p))
-        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
+                1.0 / (1.0 - p), _threshold(p))
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, MASK=_mask_kind(mask),
                                 HAS_SCALE=row_scale is not None, **meta)
 
     @triton_op("amt::residual_norm", mutates_args=())
@@ -227,14 +265,27 @@ if triton is not None:
     _residual_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
+def draws_in_kernel(C: int) -> bool:
+    """Whether the kernels can draw a width-``C`` dropout mask from a seed themselves."""
+    return C % 8 == 0
+
+
 def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
                   row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
                   branch_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(x + (branch + branch_bias) * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype,
-    for ``x`` and ``branch`` (B, T, C) (see the module docstring)."""
+    for ``x`` and ``branch`` (B, T, C) (see the module docstring). ``mask``: a bool keep
+    mask of their shape, or a (1,) int64 seed from which the kernels draw the mask that
+    ``trainer.dropout.dropout_mask((B, T, C), p, seed)`` would give (no mask in memory; C a
+    multiple of 8, see :func:`draws_in_kernel`), or None."""
     B, T, C = x.shape
     flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
-    m = None if mask is None else mask.reshape(B * T, C).contiguous()
+    m = mask
+    if mask is not None and mask.dtype == torch.bool:
+        m = mask.reshape(B * T, C).contiguous()
+    elif mask is not None and not draws_in_kernel(C):
+        raise ValueError(f"drawing the dropout mask in the kernels needs a width that is a "
+                         f"multiple of 8, not {C}")
     y, _, _ = _residual_norm(flat[0], flat[1], branch_bias, m, row_scale, T, float(p),
                              norm.weight, norm.bias, float(norm.eps))
     return y.view(B, T, C)

@@ -108,11 +108,76 @@ def test_block_fused_norm_matches_plain_block_without_randomness() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 40), (2, 37, 24), (1, 3, 8), (2, 35, 768)])
+def test_seed_draws_the_mask_dropout_mask_gives(shape: tuple[int, int, int]) -> None:
+    """A (1,) int64 seed instead of a mask: the kernels draw, forward and backward, exactly the
+    mask ``dropout_mask(shape, p, seed)`` gives (rows over several programs, a partial one)."""
+    from trainer.dropout import dropout_mask
+
+    torch.manual_seed(2)
+    B, T, C = shape
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    branch = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    scale = torch.rand(B, device=DEVICE) + 0.5
+    norm = _norm(C)
+    bias = torch.randn(C, device=DEVICE, requires_grad=True)
+    grad = torch.randn(*shape, device=DEVICE)
+    seed = torch.tensor([12345], device=DEVICE)
+    y = residual_norm(x, branch, seed, scale, 0.3, norm, bias)
+    y.backward(grad)
+    tensors = [x, branch, norm.weight, norm.bias, bias]
+    ours = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    mask = dropout_mask(list(shape), 0.3, seed)
+    assert 0.2 < 1 - mask.float().mean().item() < 0.4
+    ref = reference(x, branch, mask, scale, 0.3, norm, bias)
+    ref.backward(grad)
+    torch.testing.assert_close(y, ref)
+    for a, t in zip(ours, tensors, strict=True):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_seed_needs_a_width_multiple_of_8() -> None:
+    x = torch.randn(1, 2, 12, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple of 8, not 12"):
+        residual_norm(x, x.clone(), torch.tensor([1], device=DEVICE), None, 0.1, _norm(12))
+
+
+def test_block_norm_draws_match_the_mask_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Block.norm_draws`` (``train.fused_norm_draws``): under the same random state, the same
+    output and gradients as the fused path with the mask tensor (one seed, the same bits)."""
+    from trainer.config import ModelConfig
+    from trainer.model import Block, attention_mask
+
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.25, drop_path=0.0)
+    block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
+    block.fused_norm = True
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    prefix = torch.tensor([2, 4], device=DEVICE)
+    mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
+    outs, grads = [], []
+    for draws in (False, True):
+        block.norm_draws = draws
+        if draws:  # no mask tensor on this path
+            monkeypatch.setattr("trainer.model.random_mask", None)
+        block.zero_grad()
+        torch.manual_seed(5)
+        y = block(x, None, mask)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append([p.grad.clone() for p in block.parameters()])
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
-def test_compiled_bf16_with_dropout_matches_reference() -> None:
+@pytest.mark.parametrize("drawn", [False, True])
+def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
     """As the block uses it: compiled with dynamic shapes, a bf16 stream, the dropout mask
-    from trainer.dropout's kernel and a drop-path scale; against the reference with the same
-    mask and scale."""
+    from trainer.dropout's kernel (or drawn in the kernels from its seed) and a drop-path
+    scale; against the reference with the same mask and scale."""
     from trainer.dropout import dropout_mask
 
     torch.manual_seed(0)
@@ -121,11 +186,12 @@ def test_compiled_bf16_with_dropout_matches_reference() -> None:
     for B, T in ((64, 40), (30, 70)):
         x = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
         branch = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
-        mask = dropout_mask([B, T, 768], 0.1, torch.tensor([7], device=DEVICE))
+        seed = torch.tensor([7], device=DEVICE)
+        mask = dropout_mask([B, T, 768], 0.1, seed)
         scale = (torch.rand(B, device=DEVICE) > 0.1).float() / 0.9
         grad = torch.randn(B, T, 768, device=DEVICE).bfloat16()
         bias = (torch.randn(768, device=DEVICE) * 0.1).requires_grad_()
-        y = f(x, branch, mask, scale, 0.1, norm, bias)
+        y = f(x, branch, seed if drawn else mask, scale, 0.1, norm, bias)
         y.backward(grad)
         tensors = [x, branch, norm.weight, norm.bias, bias]
         ours = [t.grad for t in tensors]
