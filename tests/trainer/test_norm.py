@@ -4,6 +4,8 @@ bf16), against the same maths in PyTorch with the same dropout mask."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 
@@ -23,6 +25,34 @@ def reference(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
     if scale is not None:
         b = b * scale[:, None, None]
     return norm(x.float() + b).to(x.dtype)
+
+
+def check_against_reference(f: Callable[..., torch.Tensor], x: torch.Tensor,
+                            branch: torch.Tensor, dropout: torch.Tensor | None,
+                            mask: torch.Tensor | None, scale: torch.Tensor | None, p: float,
+                            norm: torch.nn.LayerNorm, bias: torch.Tensor | None,
+                            grad: torch.Tensor, bf16: bool = False) -> None:
+    """``f`` (residual_norm, maybe compiled) with ``dropout`` (the mask or its seed) against
+    :func:`reference` with ``mask``: the output and every gradient (bf16: to its precision)."""
+    y = f(x, branch, dropout, scale, p, norm, bias)
+    y.backward(grad)
+    tensors = [x, branch, norm.weight, norm.bias] + ([bias] if bias is not None else [])
+    ours = [t.grad for t in tensors]
+    for t in tensors:
+        t.grad = None
+    ref = reference(x, branch, mask, scale, p, norm, bias)
+    ref.backward(grad)
+    if not bf16:
+        torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    for a, t in zip(ours, tensors, strict=True):
+        if bf16:
+            torch.testing.assert_close(a.float(), t.grad.float(), rtol=2e-2,
+                                       atol=1e-2 * t.grad.abs().max().item())
+        else:
+            torch.testing.assert_close(a, t.grad)
+    for t in tensors:
+        t.grad = None
 
 
 def _norm(C: int) -> torch.nn.LayerNorm:
@@ -53,17 +83,7 @@ def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked:
     norm = _norm(C)
     bias = torch.randn(C, device=DEVICE, requires_grad=True) if biased else None
     grad = torch.randn(*shape, device=DEVICE)
-    y = residual_norm(x, branch, mask, scale, 0.1, norm, bias)
-    y.backward(grad)
-    tensors = [x, branch, norm.weight, norm.bias] + ([bias] if bias is not None else [])
-    ours = [t.grad for t in tensors]
-    for t in tensors:
-        t.grad = None
-    ref = reference(x, branch, mask, scale, 0.1, norm, bias)
-    ref.backward(grad)
-    torch.testing.assert_close(y, ref)
-    for a, t in zip(ours, tensors, strict=True):
-        torch.testing.assert_close(a, t.grad)
+    check_against_reference(residual_norm, x, branch, mask, mask, scale, 0.1, norm, bias, grad)
 
 
 def test_bf16_stream_keeps_its_dtype() -> None:
@@ -82,29 +102,32 @@ def test_bf16_stream_keeps_its_dtype() -> None:
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
 
 
+def _block_run(dropout: float, **attrs: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A post-norm block (the same weights each call) with ``attrs`` set, its output and
+    parameter gradients for one input, the random state reset before the forward."""
+    from trainer.config import ModelConfig
+    from trainer.model import Block, attention_mask
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=dropout, drop_path=0.0)
+    block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
+    for name, value in attrs.items():
+        setattr(block, name, value)
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    prefix = torch.tensor([2, 4], device=DEVICE)
+    mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
+    torch.manual_seed(5)
+    y = block(x, None, mask)
+    y.square().sum().backward()
+    return y.detach(), [p.grad.clone() for p in block.parameters()]
+
+
 def test_block_fused_norm_matches_plain_block_without_randomness() -> None:
     """``Block.fused_norm`` (set by the trainer from ``train.fused_norm``): with dropout and
     drop-path at 0, the same output and gradients as the plain post-norm block."""
-    from trainer.config import ModelConfig
-    from trainer.model import Block
-
-    torch.manual_seed(0)
-    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.0, drop_path=0.0)
-    block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
-    x = torch.randn(2, 6, 32, device=DEVICE)
-    prefix = torch.tensor([2, 4], device=DEVICE)
-    from trainer.model import attention_mask
-    mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
-    outs, grads = [], []
-    for fused in (False, True):
-        block.fused_norm = fused
-        block.zero_grad()
-        y = block(x, None, mask)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append([p.grad.clone() for p in block.parameters()])
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(*grads, strict=True):
+    (y0, g0), (y1, g1) = _block_run(0.0, fused_norm=False), _block_run(0.0, fused_norm=True)
+    torch.testing.assert_close(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -123,19 +146,9 @@ def test_seed_draws_the_mask_dropout_mask_gives(shape: tuple[int, int, int]) -> 
     bias = torch.randn(C, device=DEVICE, requires_grad=True)
     grad = torch.randn(*shape, device=DEVICE)
     seed = torch.tensor([12345], device=DEVICE)
-    y = residual_norm(x, branch, seed, scale, 0.3, norm, bias)
-    y.backward(grad)
-    tensors = [x, branch, norm.weight, norm.bias, bias]
-    ours = [t.grad for t in tensors]
-    for t in tensors:
-        t.grad = None
     mask = dropout_mask(list(shape), 0.3, seed)
     assert 0.2 < 1 - mask.float().mean().item() < 0.4
-    ref = reference(x, branch, mask, scale, 0.3, norm, bias)
-    ref.backward(grad)
-    torch.testing.assert_close(y, ref)
-    for a, t in zip(ours, tensors, strict=True):
-        torch.testing.assert_close(a, t.grad)
+    check_against_reference(residual_norm, x, branch, seed, mask, scale, 0.3, norm, bias, grad)
 
 
 def test_seed_needs_a_width_multiple_of_8() -> None:
@@ -147,28 +160,11 @@ def test_seed_needs_a_width_multiple_of_8() -> None:
 def test_block_norm_draws_match_the_mask_path(monkeypatch: pytest.MonkeyPatch) -> None:
     """``Block.norm_draws`` (``train.fused_norm_draws``): under the same random state, the same
     output and gradients as the fused path with the mask tensor (one seed, the same bits)."""
-    from trainer.config import ModelConfig
-    from trainer.model import Block, attention_mask
-
-    cfg = ModelConfig(d_model=32, n_heads=4, d_ff=64, dropout=0.25, drop_path=0.0)
-    block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
-    block.fused_norm = True
-    x = torch.randn(2, 6, 32, device=DEVICE)
-    prefix = torch.tensor([2, 4], device=DEVICE)
-    mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
-    outs, grads = [], []
-    for draws in (False, True):
-        block.norm_draws = draws
-        if draws:  # no mask tensor on this path
-            monkeypatch.setattr("trainer.model.random_mask", None)
-        block.zero_grad()
-        torch.manual_seed(5)
-        y = block(x, None, mask)
-        y.square().sum().backward()
-        outs.append(y.detach())
-        grads.append([p.grad.clone() for p in block.parameters()])
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(*grads, strict=True):
+    y0, g0 = _block_run(0.25, fused_norm=True)
+    monkeypatch.setattr("trainer.model.random_mask", None)  # no mask tensor on this path
+    y1, g1 = _block_run(0.25, fused_norm=True, norm_draws=True)
+    torch.testing.assert_close(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -191,16 +187,5 @@ def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
         scale = (torch.rand(B, device=DEVICE) > 0.1).float() / 0.9
         grad = torch.randn(B, T, 768, device=DEVICE).bfloat16()
         bias = (torch.randn(768, device=DEVICE) * 0.1).requires_grad_()
-        y = f(x, branch, seed if drawn else mask, scale, 0.1, norm, bias)
-        y.backward(grad)
-        tensors = [x, branch, norm.weight, norm.bias, bias]
-        ours = [t.grad for t in tensors]
-        for t in tensors:
-            t.grad = None
-        ref = reference(x, branch, mask, scale, 0.1, norm, bias)
-        ref.backward(grad)
-        torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
-        for a, t in zip(ours, tensors, strict=True):
-            torch.testing.assert_close(a.float(), t.grad.float(), rtol=2e-2,
-                                       atol=1e-2 * t.grad.abs().max().item())
-        norm.weight.grad = norm.bias.grad = None
+        check_against_reference(f, x, branch, seed if drawn else mask, mask, scale, 0.1, norm,
+                                bias, grad, bf16=True)
