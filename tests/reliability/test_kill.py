@@ -32,7 +32,7 @@ from tests.reliability.conftest import (
     wait_for,
 )
 
-N_TRIALS = 26
+N_TRIALS = 30  # 29 first attempts for the 20 kills: slack for trials that end unseen on busy cores
 N_WORKERS = 3
 KILLS = 20
 EVAL_EVERY = 4
