@@ -42,9 +42,9 @@ __all__ = ["available", "draws_in_kernel", "residual_norm"]
 
 # (rows per step of a program's loop, steps per program, warps) of each kernel; the backward's
 # partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). H200,
-# 64k x 768 bf16 (bench.norm, session 11): forward 4 rows in 4 warps 0.098 ms (1 row x 8 steps:
-# 0.109; Inductor's own, without the statistics: 0.093); backward 1 row x 32 steps in 4 warps
-# 0.200 ms (8 steps: 0.191, but four times the partial sums to write and add up)
+# 64k x 768 bf16 (bench.norm, bench/results/2026-11-29_nvidia-h200_norm.json): forward 4 rows
+# in 4 warps 0.112 ms (1 row x 8 steps: 0.128); backward 1 row x 32 steps in 4 warps 0.206 ms
+# + 0.049 for the partial sums (16 steps: 0.194 + 0.036, one run, within the sweep's noise)
 FORWARD, BACKWARD = (4, 1, 4), (1, 32, 4)
 
 
