@@ -57,6 +57,15 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _rows(step, M, C, ROWS: tl.constexpr, STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """Step ``step`` of this program's loop: its rows, the (ROWS, BLOCK_C) mask of the
+        elements that exist and their offsets (indices only: a helper given pointers would
+        make Inductor copy them, see trainer.gelu)."""
+        rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        return rows, (rows < M)[:, None] & (cols < C)[None, :], rows[:, None] * C + cols[None, :]
+
+    @triton.jit
     def _draws(seed, rows, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
         """(ROWS, BLOCK_C) 16-bit draws of elements ``rows[:, None] * C + cols``, the same as
         ``trainer.dropout``'s mask kernel gives them (Philox counter ``i // 8``, four 32-bit
@@ -87,9 +96,7 @@ if triton is not None:
         if MASK == 2:
             seed = tl.load(mask)
         for step in range(STEPS):
-            rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
-            ok = (rows < M)[:, None] & col_ok[None, :]
-            offsets = rows[:, None] * C + cols[None, :]
+            rows, ok, offsets = _rows(step, M, C, ROWS, STEPS, BLOCK_C)
             # the loads stay in the kernel: Inductor takes any pointer passed to a helper as
             # written (see trainer.gelu)
             br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
@@ -131,9 +138,7 @@ if triton is not None:
         if MASK == 2:
             seed = tl.load(mask)
         for step in range(STEPS):
-            rows = (tl.program_id(0).to(tl.int64) * STEPS + step) * ROWS + tl.arange(0, ROWS)
-            ok = (rows < M)[:, None] & col_ok[None, :]
-            offsets = rows[:, None] * C + cols[None, :]
+            rows, ok, offsets = _rows(step, M, C, ROWS, STEPS, BLOCK_C)
             factor = tl.full((ROWS, BLOCK_C), 1.0, tl.float32)  # d s / d branch
             if MASK == 1:
                 keep = tl.load(mask + offsets, mask=ok, other=0) != 0
