@@ -209,7 +209,7 @@ class Block(nn.Module):
         bias the branch was computed without (only with the fused kernels, see forward)."""
         if self.fuses_norm():
             mask = scale = None
-            if self.dropout > 0 and self.norm_draws and norm_kernels.draws_in_kernel(x.size(-1)):
+            if self.dropout > 0 and self.norm_draws:
                 mask = random_seed(x.device)  # the kernels draw what dropout_mask would
             elif self.dropout > 0:  # the same draws as trainer.dropout.dropout's
                 mask = random_mask(list(branch.shape), self.dropout, x.device)

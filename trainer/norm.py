@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from trainer.dropout import dropout_mask
+
 try:
     import triton
     import triton.language as tl
@@ -38,7 +40,7 @@ try:
 except ImportError:  # CPU-only installs: Block.residual's plain path
     triton = None
 
-__all__ = ["available", "draws_in_kernel", "residual_norm"]
+__all__ = ["available", "residual_norm"]
 
 # (rows per step of a program's loop, steps per program, warps) of each kernel; the backward's
 # partial weight/bias sums cover rows * steps rows each (64k rows make 2,048 of them). H200,
@@ -270,27 +272,22 @@ if triton is not None:
     _residual_norm.register_autograd(_backward, setup_context=_setup_context)
 
 
-def draws_in_kernel(C: int) -> bool:
-    """Whether the kernels can draw a width-``C`` dropout mask from a seed themselves."""
-    return C % 8 == 0
-
-
 def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
                   row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
                   branch_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(x + (branch + branch_bias) * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype,
     for ``x`` and ``branch`` (B, T, C) (see the module docstring). ``mask``: a bool keep
-    mask of their shape, or a (1,) int64 seed from which the kernels draw the mask that
-    ``trainer.dropout.dropout_mask((B, T, C), p, seed)`` would give (no mask in memory; C a
-    multiple of 8, see :func:`draws_in_kernel`), or None."""
+    mask of their shape, or a (1,) int64 seed of the mask that
+    ``trainer.dropout.dropout_mask((B, T, C), p, seed)`` gives, which the kernels draw
+    themselves (no mask in memory) where C is a multiple of 8 (one Philox call per 8 elements
+    of a row) and ``dropout_mask`` draws otherwise, or None."""
     B, T, C = x.shape
     flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
     m = mask
-    if mask is not None and mask.dtype == torch.bool:
+    if mask is not None and mask.dtype != torch.bool and C % 8 != 0:
+        m = dropout_mask([B * T, C], p, mask)  # the same bits, in memory
+    elif mask is not None and mask.dtype == torch.bool:
         m = mask.reshape(B * T, C).contiguous()
-    elif mask is not None and not draws_in_kernel(C):
-        raise ValueError(f"drawing the dropout mask in the kernels needs a width that is a "
-                         f"multiple of 8, not {C}")
     y, _, _ = _residual_norm(flat[0], flat[1], branch_bias, m, row_scale, T, float(p),
                              norm.weight, norm.bias, float(norm.eps))
     return y.view(B, T, C)
