@@ -197,6 +197,10 @@ class TrainingConfig:
     # trainer.dropout's mask kernel gives) instead of a bool tensor written by that kernel and
     # read by both: ~150 MB less traffic per norm and 64k micro-batch; not yet measured on a GPU
     fused_norm_draws: bool = False
+    # with fused_norm, the residual stream's gradient added by the input-gradient matmul of each
+    # branch's first projection (QKV, MLP up: addmm) instead of by a separate add kernel that
+    # reads both gradients and writes their sum (96 per two 64k steps); not yet measured on a GPU
+    residual_addmm: bool = False
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

@@ -125,17 +125,19 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None, add_bias: bool = True
-                ) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None, add_bias: bool = True,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
         """The attention's output projection; without its bias if not ``add_bias`` (the
-        caller adds it: trainer.norm's kernels)."""
+        caller adds it: trainer.norm's kernels). ``qkv``: ``self.qkv(x)`` if the caller
+        computed it (trainer.norm.residual_linear)."""
         B, T, C = x.shape
         dropout = self.dropout if self.training else 0.0
         bias = self.proj.bias if add_bias else None
+        qkv = self.qkv(x) if qkv is None else qkv
         if mask is not None and mask.dim() == 1:  # prefix ends (B,): the fused kernel
-            y = attention.fused_attention(self.qkv(x), rope, mask, self.n_heads, dropout)
+            y = attention.fused_attention(qkv, rope, mask, self.n_heads, dropout)
             return F.linear(y, self.proj.weight, bias)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
+        q, k, v = qkv.view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
         if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
             q, k = apply_rotary(q, *rope, self.rope_pairs), apply_rotary(k, *rope, self.rope_pairs)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs) views
@@ -156,13 +158,15 @@ class MLP(nn.Module):
         # the trainer where they can run: a GPU with Triton, train.fused_mlp)
         self.fused = False
 
-    def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add_bias: bool = True, up: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """The down-projection's output; without its bias if not ``add_bias`` (the caller
-        adds it: trainer.norm's kernels)."""
+        adds it: trainer.norm's kernels). ``up``: ``x`` up-projected without the bias, if
+        the caller computed it (trainer.norm.residual_linear)."""
         if self.fused and self.training:
-            h = gelu.bias_gelu(F.linear(x, self.up.weight), self.up.bias)
+            h = gelu.bias_gelu(F.linear(x, self.up.weight) if up is None else up, self.up.bias)
         else:
-            h = F.gelu(self.up(x))
+            h = F.gelu(self.up(x) if up is None else up + self.up.bias)
         return F.linear(h, self.down.weight, self.down.bias if add_bias else None)
 
 
@@ -202,6 +206,9 @@ class Block(nn.Module):
         self.fused_norm = False
         # and there, the dropout mask drawn inside the kernels from a seed (train.fused_norm_draws)
         self.norm_draws = False
+        # and the residual's gradient added by each branch's first input-gradient matmul
+        # (trainer.norm.residual_linear, train.residual_addmm)
+        self.residual_addmm = False
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm,
                  branch_bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,11 +241,17 @@ class Block(nn.Module):
         # with trainer.norm's kernels, the projections' biases are added (and their gradients
         # summed) there, not in the matmuls
         fused = self.fuses_norm()
+        first = fused and self.residual_addmm  # the branches' first matmuls here, see init
+        qkv = up = None
+        if first:
+            qkv, x = norm_kernels.residual_linear(x, self.attn.qkv.weight, self.attn.qkv.bias)
         h = self.norm1(x) if self.pre_norm else x
-        x = self.residual(x, self.attn(h, rope, mask, cache, add_bias=not fused), self.norm1,
-                          self.attn.proj.bias if fused else None)
+        x = self.residual(x, self.attn(h, rope, mask, cache, add_bias=not fused, qkv=qkv),
+                          self.norm1, self.attn.proj.bias if fused else None)
+        if first:
+            up, x = norm_kernels.residual_linear(x, self.mlp.up.weight, None)
         h = self.norm2(x) if self.pre_norm else x
-        return self.residual(x, self.mlp(h, add_bias=not fused), self.norm2,
+        return self.residual(x, self.mlp(h, add_bias=not fused, up=up), self.norm2,
                              self.mlp.down.bias if fused else None)
 
 

@@ -164,6 +164,76 @@ def test_block_norm_draws_match_the_mask_path(monkeypatch: pytest.MonkeyPatch) -
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_residual_linear_gradients(with_bias: bool) -> None:
+    """``residual_linear``: the linear's output and ``x`` itself; its backward (the residual's
+    gradient added by addmm) passes torch's numerical gradient check."""
+    from trainer.norm import residual_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True) if with_bias else None
+    y, residual = residual_linear(x, w, b)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    assert torch.equal(residual, x)
+
+    def both(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y, residual = residual_linear(x, w, b)  # both outputs feed the result
+        return (y.sin().sum(-1, keepdim=True) * residual.cos()).sum()
+
+    assert torch.autograd.gradcheck(both, (x, w, b))
+
+
+@pytest.mark.parametrize("stream", [torch.bfloat16, torch.float32])
+def test_residual_linear_under_autocast(stream: torch.dtype) -> None:
+    """Under bf16 autocast, a bf16 stream (the addmm) or a float32 one (``train.fp32_residual``:
+    a separate add): each gradient in its tensor's dtype, close to autograd's own."""
+    from trainer.norm import residual_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 16).to(stream).requires_grad_()
+    lin = torch.nn.Linear(16, 24)
+    g_y, g_r = torch.randn(4, 6, 24), torch.randn(4, 6, 16)
+
+    def run(ours: bool) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, r = residual_linear(x, lin.weight, lin.bias) if ours else (lin(x), x)
+        assert y.dtype == torch.bfloat16
+        torch.autograd.backward([y, r], [g_y.to(y.dtype), g_r.to(r.dtype)])
+        grads = [t.grad for t in (x, lin.weight, lin.bias)]
+        x.grad = lin.weight.grad = lin.bias.grad = None
+        return grads
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                   atol=1e-2 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_block_residual_addmm_matches_fused_block(dropout: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Block.residual_addmm`` (``train.residual_addmm``): under the same random state, the
+    same output and gradients as the fused block without it, both branches' first matmuls
+    through ``residual_linear``."""
+    from trainer.norm import residual_linear
+
+    calls = []
+
+    def counted(*args: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(args[1].shape)
+        return residual_linear(*args)
+
+    y0, g0 = _block_run(dropout, fused_norm=True)
+    monkeypatch.setattr("trainer.norm.residual_linear", counted)
+    y1, g1 = _block_run(dropout, fused_norm=True, residual_addmm=True)
+    assert calls == [(96, 32), (64, 32)]  # QKV, MLP up
+    torch.testing.assert_close(y0, y1)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
 @pytest.mark.parametrize("drawn", [False, True])
 def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
@@ -185,3 +255,38 @@ def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
         bias = (torch.randn(768, device=DEVICE) * 0.1).requires_grad_()
         check_against_reference(f, x, branch, seed if drawn else mask, mask, scale, 0.1, norm,
                                 bias, grad, bf16=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
+def test_compiled_bf16_block_residual_addmm() -> None:
+    """As training runs it: a post-norm block of the report's width compiled with dynamic
+    shapes under bf16 autocast on a bf16 stream, with and without ``residual_addmm`` (no
+    dropout: the two graphs draw nothing): the same output and gradients to bf16's precision,
+    over two shapes."""
+    from trainer.config import ModelConfig
+    from trainer.model import Block, rotary_angles
+
+    cfg = ModelConfig(d_model=768, n_heads=12, d_ff=3072, dropout=0.0, drop_path=0.0)
+    results = []
+    for addmm in (False, True):
+        torch.manual_seed(0)
+        block = Block(cfg, layer=0, drop_path_p=0.0).to(DEVICE).train()
+        block.fused_norm, block.residual_addmm = True, addmm
+        f = torch.compile(block, dynamic=True)
+        for B, T in ((64, 40), (30, 70)):
+            torch.manual_seed(B)
+            x = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
+            prefix = torch.randint(1, T, (B,), device=DEVICE).int()  # the fused attention
+            angles = rotary_angles(torch.arange(T, device=DEVICE).expand(B, T), 64, 10000.0)
+            rope = (angles[:, :, None].cos(), angles[:, :, None].sin())
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = f(x, rope, prefix)
+            y.float().square().mean().backward()
+            results.append([y.detach(), x.grad] + [p.grad for p in block.parameters()])
+            block.zero_grad(set_to_none=True)
+    half = len(results) // 2
+    for ours, ref in zip(results[half:], results[:half], strict=True):
+        for a, b in zip(ours, ref, strict=True):
+            assert a.dtype == b.dtype
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2,
+                                       atol=1e-2 * b.abs().max().item())
