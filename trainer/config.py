@@ -198,9 +198,10 @@ class TrainingConfig:
     # read by both: ~150 MB less traffic per norm and 64k micro-batch; not yet measured on a GPU
     fused_norm_draws: bool = False
     # with fused_norm, the residual stream's gradient added by the input-gradient matmul of each
-    # branch's first projection (QKV, MLP up: addmm) instead of by a separate add kernel that
-    # reads both gradients and writes their sum (96 per two 64k steps); not yet measured on a GPU
-    residual_addmm: bool = False
+    # branch's first projection (QKV, MLP up: addmm, in place when compiled) instead of by a
+    # separate add kernel that reads both gradients and writes their sum (H200, 64k
+    # micro-batches: 96 such adds, 6.6 ms per two steps; BENCHMARKS.md P1)
+    residual_addmm: bool = True
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

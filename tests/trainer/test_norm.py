@@ -185,6 +185,27 @@ def test_residual_linear_gradients(with_bias: bool) -> None:
     assert torch.autograd.gradcheck(both, (x, w, b))
 
 
+def test_residual_linear_compiled_adds_in_place_safely() -> None:
+    """Compiled (Inductor on CPU), the backward adds into the residual's gradient in place
+    (``amt::addmm_``); here that gradient is also another tensor's (an add hands one tensor to
+    both operands: ``c``'s), so the graph must keep a copy: autograd's gradients, eager."""
+    from trainer.norm import residual_linear
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w2: torch.Tensor,
+          c: torch.Tensor) -> torch.Tensor:
+        y, residual = residual_linear(x, w, b)
+        z = (residual + c) + torch.nn.functional.linear(torch.relu(y), w2)
+        return torch.nn.functional.layer_norm(z, (x.shape[-1],)).square().sum()
+
+    torch.manual_seed(0)
+    args = [torch.randn(*s, requires_grad=True)
+            for s in ((3, 5, 16), (24, 16), (24,), (16, 24), (3, 5, 16))]
+    eager = torch.autograd.grad(f(*args), args)
+    compiled = torch.autograd.grad(torch.compile(f, dynamic=True, fullgraph=True)(*args), args)
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("stream", [torch.bfloat16, torch.float32])
 def test_residual_linear_under_autocast(stream: torch.dtype) -> None:
     """Under bf16 autocast, a bf16 stream (the addmm) or a float32 one (``train.fp32_residual``:
