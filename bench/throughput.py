@@ -13,7 +13,9 @@ Batches are real token-budget batches of the corpus (``--data-dir``: the exporte
 ``--tiny``: the synthetic task), the same ones for every variant. Every optimiser step sees
 ``--step-tokens`` tokens (131072 = 16k x 8, the report's step), so a 64k micro-batch
 accumulates 2. Timing: warm-up steps (compilation included) are timed separately and
-excluded; one step is timed alone between two ``torch.cuda.synchronize()``
+excluded, then the garbage collector freezes what exists (as the trainer does after its
+first step: ``gc_in_timed_steps`` reports the collections left); one step is timed alone
+between two ``torch.cuda.synchronize()``
 (``step_s_synchronized``; it sizes the rest to the budget), then the timed steps run back to
 back as ``fit`` runs them (ours: the host waits for each step's loss one step late) between
 two synchronisations.
@@ -153,10 +155,25 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
     graphs0 = _graphs()
     warmup_s = span(warmup)
     graphs1 = _graphs()
+    gc.collect()  # as the trainer does after its first step (Run.launch_step), for every model
+    gc.freeze()
     single_s = span(timed[:1])
     fits = int(max(0.0, deadline.left() - 5.0) / max(single_s, 1e-9) / 1.5)
     run = timed[1:1 + max(1, fits)]
-    total = span(run)
+    pauses: list[tuple[int, float]] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:  # the host's GC pauses, timed
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            pauses.append((info["generation"], time.perf_counter() - started[0]))
+
+    gc.callbacks.append(on_gc)
+    try:
+        total = span(run)
+    finally:
+        gc.callbacks.remove(on_gc)
     tokens = padded = 0
     flops = flops_nonembed = 0.0
     for batches in run:
@@ -173,6 +190,9 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
         "timed_steps": len(run),
         "step_s_mean": round(total / len(run), 5),
         "step_s_synchronized": round(single_s, 5),  # one step alone, host waiting for it
+        "gc_in_timed_steps": {"collections": len(pauses),
+                              "gen2": sum(1 for g, _ in pauses if g == 2),
+                              "ms": round(1e3 * sum(t for _, t in pauses), 2)},
         "tokens": tokens,
         "padding_fraction": round(1 - tokens / padded, 4) if padded else None,
         "tokens_per_s": round(tokens / total, 1),
@@ -510,6 +530,7 @@ def _estimate_s(v: Variant, gpu: bool, done: dict[str, dict[str, Any]]) -> float
 
 
 def _reset_memory() -> None:
+    gc.unfreeze()  # measure() froze the last variant's objects
     gc.collect()
     torch._dynamo.reset()
     counters.clear()
