@@ -13,9 +13,7 @@ Batches are real token-budget batches of the corpus (``--data-dir``: the exporte
 ``--tiny``: the synthetic task), the same ones for every variant. Every optimiser step sees
 ``--step-tokens`` tokens (131072 = 16k x 8, the report's step), so a 64k micro-batch
 accumulates 2. Timing: warm-up steps (compilation included) are timed separately and
-excluded, then the garbage collector freezes what exists (as the trainer does after its
-first step: ``gc_in_timed_steps`` reports the collections left); one step is timed alone
-between two ``torch.cuda.synchronize()``
+excluded; one step is timed alone between two ``torch.cuda.synchronize()``
 (``step_s_synchronized``; it sizes the rest to the budget), then the timed steps run back to
 back as ``fit`` runs them (ours: the host waits for each step's loss one step late) between
 two synchronisations.
@@ -155,15 +153,15 @@ def measure(step: Callable[[list[Any]], None], warmup: list[list[Any]], timed: l
     graphs0 = _graphs()
     warmup_s = span(warmup)
     graphs1 = _graphs()
-    gc.collect()  # as the trainer does after its first step (Run.launch_step), for every model
-    gc.freeze()
     single_s = span(timed[:1])
     fits = int(max(0.0, deadline.left() - 5.0) / max(single_s, 1e-9) / 1.5)
     run = timed[1:1 + max(1, fits)]
     pauses: list[tuple[int, float]] = []
     started = [0.0]
 
-    def on_gc(phase: str, info: dict[str, int]) -> None:  # the host's GC pauses, timed
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        # the host's garbage-collection pauses in the timed steps (``gc_in_timed_steps``: a
+        # full collection after compilation takes tens of ms, a stall a host-bound step shows)
         if phase == "start":
             started[0] = time.perf_counter()
         else:
@@ -530,7 +528,6 @@ def _estimate_s(v: Variant, gpu: bool, done: dict[str, dict[str, Any]]) -> float
 
 
 def _reset_memory() -> None:
-    gc.unfreeze()  # measure() froze the last variant's objects
     gc.collect()
     torch._dynamo.reset()
     counters.clear()

@@ -200,8 +200,10 @@ class TrainingConfig:
     # with fused_norm, the residual stream's gradient added by the input-gradient matmul of each
     # branch's first projection (QKV, MLP up: addmm, in place when compiled) instead of by a
     # separate add kernel that reads both gradients and writes their sum (H200, 64k
-    # micro-batches: 96 such adds, 6.6 ms per two steps; BENCHMARKS.md P1)
-    residual_addmm: bool = True
+    # micro-batches: ~5 ms less device time per two steps, ~1.5 %, BENCHMARKS.md P1). Off until
+    # its compiled GPU gradient test has passed on a GPU (written after the session's device
+    # time was spent)
+    residual_addmm: bool = False
     ema_decay: float = 0.9995  # 0 disables EMA
     eval_every: int = 500  # optimiser steps
     eval_subset: int = 500  # validation pairs decoded for BLEU-4 (fixed, first N)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import gc
 import json
 import logging
 import math
@@ -149,7 +148,6 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
             dist.barrier()  # tore the group down first once made gloo abort rank 0 (CI)
         return result
     finally:
-        gc.unfreeze()  # see Run.launch_step: a worker's next trial may free this one's objects
         if owns_group:
             dist.destroy_process_group()
 
@@ -356,7 +354,6 @@ class Run:
         self.saved_step = -1
         self.saved_path: Path | None = None
         self.pending: _Pending | None = None  # the launched step not yet waited for
-        self.heap_frozen = False  # see launch_step
         self.lr = 0.0  # the LR of the last step waited for
         self.bleu_signature = ""
         if self.world > 1:  # same initial weights everywhere (DDP checks), own dropout masks
@@ -598,15 +595,7 @@ class Run:
             try:
                 if self.progress.step + 1 == oom_step and attempts < oom_times:
                     raise torch.cuda.OutOfMemoryError("injected by AMT_INJECT_OOM")
-                pending = self._step(batches)
-                if not self.heap_frozen:
-                    # after the first step (compilation: ~0.5 M more Python objects), a full
-                    # collection and gc.freeze(): later collections skip what lives for the
-                    # whole run, so no gen-2 pause (~30 ms on the H200's host) stalls the GPU
-                    gc.collect()
-                    gc.freeze()
-                    self.heap_frozen = True
-                return pending
+                return self._step(batches)
             except torch.cuda.OutOfMemoryError as e:
                 attempts += 1
                 self.optimizer.zero_grad(set_to_none=True)

@@ -295,10 +295,9 @@ def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | No
 
 @torch.library.custom_op("amt::addmm_", mutates_args=("out",))
 def _addmm_(out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> None:
-    """``out += mat1 @ mat2`` in place. Compiled, an op that mutates its input lets Inductor
-    write into ``out``'s buffer where nothing reads it afterwards (its reinplacing pass; else it
-    copies it first): Inductor's ``aten.addmm`` copies its input into a new buffer every time
-    (H200: 4.8 ms of copies per two 64k steps)."""
+    """``out += mat1 @ mat2`` in place: Inductor's ``aten.addmm`` copies its input into a new
+    buffer first, every call (H200, 64k micro-batches: 4.8 ms of copies per two steps, which
+    left ~1 ms of the 6.6 ms add saved)."""
     out.addmm_(mat1, mat2)
 
 
@@ -319,8 +318,8 @@ class _ResidualLinear(torch.autograd.Function):
         w = weight.to(dy.dtype)
         dx = dresidual.reshape(dy2.shape[0], -1)
         if dresidual.dtype == dy.dtype and torch.compiler.is_compiling():
-            _addmm_(dx, dy2, w)  # the residual's gradient added by the matmul, in place
-        elif dresidual.dtype == dy.dtype:  # eager: autograd may hand dresidual on elsewhere too
+            _addmm_(dx, dy2, w)  # in place: see residual_linear for when that is safe
+        elif dresidual.dtype == dy.dtype:
             dx = torch.addmm(dx, dy2, w)
         else:  # a float32 stream under autocast (train.fp32_residual)
             dx = dx + (dy2 @ w).to(dx.dtype)
@@ -335,6 +334,12 @@ def residual_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     residual path: the same values, but in the backward the residual's gradient of ``x`` is
     added by the input-gradient matmul (``addmm``: cuBLAS's C input, read by the epilogue)
     instead of by autograd's separate add, a kernel that reads both gradients and writes their
-    sum (H200, 64k micro-batches: 96 of them, 6.9 ms per two steps; ``train.residual_addmm``)."""
+    sum (H200, 64k micro-batches: 96 of them, 6.6 ms per two steps; ``train.residual_addmm``).
+
+    Compiled, the matmul adds into the residual's gradient **in place**, so that gradient must
+    be the residual's alone: ``residual`` goes to :func:`residual_norm` (whose backward writes a
+    fresh one), as ``Block`` uses it. A consumer whose backward hands one tensor to several
+    inputs (``residual + c``) would have ``c``'s gradient overwritten. Eager, it is added out of
+    place (safe everywhere)."""
     y, residual = _ResidualLinear.apply(x, weight, bias)
     return y, residual

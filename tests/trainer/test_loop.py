@@ -178,29 +178,6 @@ def val_loss(cfg: TrainConfig, data: Any, weights: dict[str, torch.Tensor]) -> f
     return total / n
 
 
-def test_heap_frozen_after_the_first_step_and_thawed_after_fit(task: Path,
-                                                               tmp_path: Path) -> None:
-    """After its first step a run freezes the garbage collector's heap (no gen-2 pauses over
-    the compiled graphs); fit thaws it, even when a callback stops the run, so a worker's next
-    trial can free this one's objects."""
-    import gc
-
-    class Frozen:
-        def __init__(self) -> None:
-            self.counts: list[int] = []
-
-        def on_step(self, step: int) -> None:
-            self.counts.append(gc.get_freeze_count())
-            if step == 3:
-                raise RuntimeError("stop")
-
-    seen = Frozen()
-    with pytest.raises(RuntimeError, match="stop"):
-        fit(tiny_config(task, tmp_path / "run"), [seen])
-    assert len(seen.counts) == 3 and min(seen.counts) > 1000
-    assert gc.get_freeze_count() == 0
-
-
 def test_early_stopping(task: Path, tmp_path: Path) -> None:
     # with a zero learning rate after warm-up nothing improves after the first evaluation
     cfg = tiny_config(task, tmp_path / "run", **{

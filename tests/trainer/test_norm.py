@@ -116,9 +116,10 @@ def _block_run(dropout: float, **attrs: bool) -> tuple[torch.Tensor, list[torch.
     x = torch.randn(2, 6, 32, device=DEVICE)
     prefix = torch.tensor([2, 4], device=DEVICE)
     mask = attention_mask(torch.zeros_like(prefix), prefix, 6, 6)
-    torch.manual_seed(5)
+    weights = torch.randn(2, 6, 32, device=DEVICE)  # a random linear loss: (sum of y^2 would
+    torch.manual_seed(5)  # not do: a LayerNorm's output keeps it, its input gradient ~ 0)
     y = block(x, None, mask)
-    y.square().sum().backward()
+    (y * weights).sum().backward()
     return y.detach(), [p.grad.clone() for p in block.parameters()]
 
 
@@ -185,19 +186,22 @@ def test_residual_linear_gradients(with_bias: bool) -> None:
     assert torch.autograd.gradcheck(both, (x, w, b))
 
 
-def test_residual_linear_compiled_adds_in_place_safely() -> None:
+def test_residual_linear_compiled_adds_in_place() -> None:
     """Compiled (Inductor on CPU), the backward adds into the residual's gradient in place
-    (``amt::addmm_``); here that gradient is also another tensor's (an add hands one tensor to
-    both operands: ``c``'s), so the graph must keep a copy: autograd's gradients, eager."""
+    (``amt::addmm_``). As ``Block`` uses it the residual's consumer writes a fresh gradient
+    (here a product's backward; ``c``'s is another tensor): autograd's gradients, eager. (With
+    ``residual + c`` instead, ``c``'s gradient would be overwritten: residual_linear's
+    contract.)"""
     from trainer.norm import residual_linear
 
     def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, w2: torch.Tensor,
           c: torch.Tensor) -> torch.Tensor:
         y, residual = residual_linear(x, w, b)
-        z = (residual + c) + torch.nn.functional.linear(torch.relu(y), w2)
-        return torch.nn.functional.layer_norm(z, (x.shape[-1],)).square().sum()
+        z = (residual * 0.5 + c) + torch.nn.functional.linear(torch.relu(y), w2)
+        return (torch.nn.functional.layer_norm(z, (x.shape[-1],)) * weights).sum()
 
     torch.manual_seed(0)
+    weights = torch.randn(3, 5, 16)
     args = [torch.randn(*s, requires_grad=True)
             for s in ((3, 5, 16), (24, 16), (24,), (16, 24), (3, 5, 16))]
     eager = torch.autograd.grad(f(*args), args)
@@ -302,7 +306,7 @@ def test_compiled_bf16_block_residual_addmm() -> None:
             rope = (angles[:, :, None].cos(), angles[:, :, None].sin())
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = f(x, rope, prefix)
-            y.float().square().mean().backward()
+            (y.float() * torch.randn(B, T, 768, device=DEVICE)).sum().backward()
             results.append([y.detach(), x.grad] + [p.grad for p in block.parameters()])
             block.zero_grad(set_to_none=True)
     half = len(results) // 2
