@@ -195,7 +195,9 @@ class TrainingConfig:
     fused_norm: bool = True
     # with fused_norm, the dropout mask drawn inside those kernels from a seed (the same bits as
     # trainer.dropout's mask kernel gives) instead of a bool tensor written by that kernel and
-    # read by both: ~150 MB less traffic per norm and 64k micro-batch; not yet measured on a GPU
+    # read by both: ~150 MB less traffic per norm and 64k micro-batch, but no gain measured (H200:
+    # Inductor's kernels around the norms grew by more than the mask kernel took, BENCHMARKS.md
+    # P1 session 12)
     fused_norm_draws: bool = False
     # with fused_norm, the residual stream's gradient added by the input-gradient matmul of each
     # branch's first projection (QKV, MLP up: addmm, in place when compiled) instead of by a

@@ -17,7 +17,8 @@ backward's column sums into one kernel).
 ``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it), or the
 (1,) int64 seed it would be drawn from: the kernels then draw each element's keep themselves,
 the same bits (``train.fused_norm_draws``; no 64k x 768 mask written by a kernel of its own
-and read twice: ~150 MB less traffic per norm and micro-batch; not yet measured on a GPU), or
+and read twice: ~150 MB less traffic per norm and micro-batch; no gain in the whole step on
+the H200, so off), or
 None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
 depth's keep / (1 - p)) or is None; ``branch_bias`` (C,) is the bias of the matmul that made
 the branch (then computed without it), its gradient summed in the same pass as the
