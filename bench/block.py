@@ -71,11 +71,10 @@ VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[st
     # train.fp32_residual keeps it; the default (current) is bf16, as under bf16 autocast
     "fp32_residual": ({}, {}, {"fp32_residual": True}),
     # the trainer's kernel options against their defaults (current follows the defaults):
-    # post-norm's dropout + drop-path + residual + LayerNorm left to Inductor, the dropout
-    # mask drawn inside trainer.norm's kernels, the residual's gradient added in the branches'
-    # first matmuls (trainer.norm.residual_linear), the MLP's bias + GELU left to Inductor
+    # post-norm's dropout + drop-path + residual + LayerNorm left to Inductor, the residual's
+    # gradient added in the branches' first matmuls (trainer.norm.residual_linear), the MLP's
+    # bias + GELU left to Inductor
     "unfused_norm": ({}, {}, {"fused_norm": False}),
-    "norm_draws": ({}, {}, {"fused_norm_draws": True}),
     "residual_addmm": ({}, {}, {"residual_addmm": True}),
     "unfused_mlp": ({}, {}, {"fused_mlp": False}),
     "inductor_dropout": ({"dropout": inductor_dropout}, {}, {}),
@@ -132,15 +131,13 @@ def run_variant(name: str, cfg: Any, tokens: int, lengths: list[int], iters: int
     fused_mlp = bool(options.pop("fused_mlp", defaults.fused_mlp)) and gelu.available(device)
     fused_norm = (bool(options.pop("fused_norm", defaults.fused_norm))
                   and norm_kernels.available(device))
-    norm_draws = bool(options.pop("fused_norm_draws", defaults.fused_norm_draws))
     residual_addmm = bool(options.pop("residual_addmm", defaults.residual_addmm))
     mcfg = dataclasses.replace(cfg, **overrides)
     torch._dynamo.reset()
     torch.manual_seed(0)
     block = Block(mcfg, layer=mcfg.n_layers - 1, drop_path_p=mcfg.drop_path).to(device).train()
     # as trainer.Run sets them
-    block.mlp.fused, block.fused_norm, block.norm_draws = fused_mlp, fused_norm, norm_draws
-    block.residual_addmm = residual_addmm
+    block.mlp.fused, block.fused_norm, block.residual_addmm = fused_mlp, fused_norm, residual_addmm
     if backend == "inductor":
         block.compile(dynamic=True, options=options)
     else:

@@ -7,9 +7,9 @@ compiled PyTorch of the same function (the reference of the run, as the compiled
 before ``train.fused_norm``) against ``trainer.norm.residual_norm`` compiled the same way, forward
 and forward + backward; a plain copy of the stream (what one read and one write cost); then
 ``trainer.norm``'s two kernels alone, launched directly, under each (rows, steps, warps) of the
-forward's and the backward's sweeps, and at the current tiles with the mask drawn inside the
-kernels from its seed (``train.fused_norm_draws``) against the bool mask and the kernel that
-writes it. Milliseconds per call (CUDA events over ``--iters`` calls after three warm-up
+forward's and the backward's sweeps. (Its session-12 version also timed the mask drawn inside
+the kernels from its seed, since removed: ``..._norm-2.json``'s ``drawn``.) Milliseconds per
+call (CUDA events over ``--iters`` calls after three warm-up
 calls) and the bandwidth each kernel reaches on the bytes it must move.
 
 Run on a GPU: ``python -m bench.norm``; ``--tiny`` is a CPU smoke run in Triton's interpreter
@@ -146,25 +146,6 @@ def main(argv: list[str] | None = None) -> int:
             report.save()
     finally:
         norm.FORWARD, norm.BACKWARD = saved
-    # at the current tiles: the mask drawn inside the kernels from its seed (train.
-    # fused_norm_draws) against the bool mask, with what drawing that mask costs by itself
-    seed = torch.tensor([7], device=device)
-    drawn: dict[str, float] = {
-        "mask_kernel_ms": per_call_ms(functools.partial(dropout_mask, [M, C], 0.1, seed), iters)}
-    for label, m in (("mask", mask), ("seed", seed)):
-        grid, fargs, kw = norm.forward_launch(x, branch, bias.detach(), m, scale, T, 0.1, w, b,
-                                              1e-5, y, mean, rstd)
-        drawn[f"{label}_fwd_ms"] = per_call_ms(
-            functools.partial(norm._norm_forward_kernel[grid], *fargs, **kw), iters)
-        grid, bargs, kw = norm.backward_launch(x, branch, bias.detach(), m, scale, T, 0.1, w,
-                                               mean, rstd, dy, dx, dbranch)
-        drawn[f"{label}_bwd_ms"] = per_call_ms(
-            functools.partial(norm._norm_backward_kernel[grid], *bargs, **kw), iters)
-    drawn["seed_vs_mask"] = round(
-        (drawn["mask_kernel_ms"] + drawn["mask_fwd_ms"] + drawn["mask_bwd_ms"])
-        / (drawn["seed_fwd_ms"] + drawn["seed_bwd_ms"]), 3)
-    report["drawn"] = drawn
-    log.info("mask drawn in the kernels: %s", drawn)
     best_fwd = min(forward, key=lambda k: forward[k]["ms"])
     best_bwd = min(backward, key=lambda k: backward[k]["ms"] + backward[k]["partial_sums_ms"])
     report["best"] = {"forward": best_fwd, "backward": best_bwd}

@@ -8,6 +8,7 @@ CLI can print one line and exit 2.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -193,12 +194,6 @@ class TrainingConfig:
     # projection's bias gradients summed in the backward's pass: H200, 64k micro-batches, the
     # compiled step's device time 1.2 % lower (BENCHMARKS.md P1); false: Inductor's kernels
     fused_norm: bool = True
-    # with fused_norm, the dropout mask drawn inside those kernels from a seed (the same bits as
-    # trainer.dropout's mask kernel gives) instead of a bool tensor written by that kernel and
-    # read by both: ~150 MB less traffic per norm and 64k micro-batch, but no gain measured (H200:
-    # Inductor's kernels around the norms grew by more than the mask kernel took, BENCHMARKS.md
-    # P1 session 12)
-    fused_norm_draws: bool = False
     # with fused_norm, the residual stream's gradient added by the input-gradient matmul of each
     # branch's first projection (QKV, MLP up: addmm, in place when compiled) instead of by a
     # separate add kernel that reads both gradients and writes their sum (H200, 64k
@@ -381,12 +376,24 @@ def coerce_value(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported type {tp}")  # a bug, not a user error
 
 
+# keys an earlier version wrote (studies and checkpoints keep whole configs): read, warned
+# about and dropped, so that a stored config still loads
+RETIRED_KEYS = {
+    "train.fused_norm_draws": "the dropout mask drawn inside trainer.norm's kernels: no gain "
+                              "measured (BENCHMARKS.md P1, session 12)",
+}
+
+
 def build_dataclass(cls: type[T], raw: Any, path: str) -> T:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         where = path or "the top level"
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
+    for key in [k for k in raw if f"{path}.{k}" in RETIRED_KEYS]:
+        logging.getLogger(__name__).warning("%s.%s is no longer an option (%s); ignored", path,
+                                            key, RETIRED_KEYS[f"{path}.{key}"])
+        raw = {k: v for k, v in raw.items() if k != key}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
     for key in raw:

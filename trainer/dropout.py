@@ -24,7 +24,7 @@ try:
 except ImportError:  # CPU-only installs: F.dropout everywhere
     triton = None
 
-__all__ = ["dropout", "dropout_mask", "random_mask", "random_seed"]
+__all__ = ["dropout", "dropout_mask", "random_mask"]
 
 BLOCK = 4096  # mask elements per program (512 Philox calls)
 

@@ -342,7 +342,6 @@ class Run:
                 module.fused = cfg.train.fused_mlp and gelu.available(self.device)
             if isinstance(module, Block):
                 module.fused_norm = cfg.train.fused_norm and norm_kernels.available(self.device)
-                module.norm_draws = cfg.train.fused_norm_draws
                 module.residual_addmm = cfg.train.residual_addmm
         self.ema = None
         if cfg.train.ema_decay > 0:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from trainer import attention, gelu
 from trainer import norm as norm_kernels
 from trainer.config import ModelConfig
-from trainer.dropout import dropout, random_mask, random_seed
+from trainer.dropout import dropout, random_mask
 
 __all__ = ["DecoderLM", "KVCache", "attention_mask"]
 
@@ -204,8 +204,6 @@ class Block(nn.Module):
         # in post-norm training, dropout, drop-path, the residual add and the LayerNorm in
         # trainer.norm's kernels (set by the trainer where they can run, train.fused_norm)
         self.fused_norm = False
-        # and there, the dropout mask drawn inside the kernels from a seed (train.fused_norm_draws)
-        self.norm_draws = False
         # and the residual's gradient added by each branch's first input-gradient matmul
         # (trainer.norm.residual_linear, train.residual_addmm)
         self.residual_addmm = False
@@ -216,9 +214,7 @@ class Block(nn.Module):
         bias the branch was computed without (only with the fused kernels, see forward)."""
         if self.fuses_norm():
             mask = scale = None
-            if self.dropout > 0 and self.norm_draws:
-                mask = random_seed(x.device)  # the kernels draw what dropout_mask would
-            elif self.dropout > 0:  # the same draws as trainer.dropout.dropout's
+            if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
                 mask = random_mask(list(branch.shape), self.dropout, x.device)
             if self.stochastic_depth:  # and as drop_path's
                 p = self.drop_path_p

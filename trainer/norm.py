@@ -14,16 +14,13 @@ because the output projections' matmuls lose their bias epilogues; kernel for ke
 norm path takes about what Inductor's did (Inductor 2.11 already fuses the LayerNorm
 backward's column sums into one kernel).
 
-``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it), or the
-(1,) int64 seed it would be drawn from: the kernels then draw each element's keep themselves,
-the same bits (``train.fused_norm_draws``; no 64k x 768 mask written by a kernel of its own
-and read twice: ~150 MB less traffic per norm and micro-batch; no gain in the whole step on
-the H200, so off), or
-None; ``row_scale`` (B,) float32 multiplies every position of sequence ``b`` (stochastic
-depth's keep / (1 - p)) or is None; ``branch_bias`` (C,) is the bias of the matmul that made
-the branch (then computed without it), its gradient summed in the same pass as the
-LayerNorm's (Inductor's separate column sum re-read the 64k x 768 gradient: 4.3 ms per two
-steps for the MLP's alone), or None.
+``mask`` is the dropout keep mask (bool, as ``trainer.dropout.dropout_mask`` draws it) or
+None (drawing it inside the kernels from its seed instead was tried and removed: no gain in
+the whole step on the H200, BENCHMARKS.md P1 session 12); ``row_scale`` (B,) float32
+multiplies every position of sequence ``b`` (stochastic depth's keep / (1 - p)) or is None;
+``branch_bias`` (C,) is the bias of the matmul that made the branch (then computed without
+it), its gradient summed in the same pass as the LayerNorm's (Inductor's separate column sum
+re-read the 64k x 768 gradient: 4.3 ms per two steps for the MLP's alone), or None.
 """
 
 from __future__ import annotations
@@ -31,8 +28,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-from trainer.dropout import dropout_mask
 
 try:
     import triton
@@ -69,22 +64,9 @@ if triton is not None:
         return rows, (rows < M)[:, None] & (cols < C)[None, :], rows[:, None] * C + cols[None, :]
 
     @triton.jit
-    def _draws(seed, rows, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-        """(ROWS, BLOCK_C) 16-bit draws of elements ``rows[:, None] * C + cols``, the same as
-        ``trainer.dropout``'s mask kernel gives them (Philox counter ``i // 8``, four 32-bit
-        numbers split in two 16-bit halves): one Philox call per 8 elements of a row, which
-        needs C a multiple of 8. Scalars only: the seed is loaded by the kernel."""
-        G: tl.constexpr = BLOCK_C // 8
-        counters = rows[:, None] * (C // 8) + tl.arange(0, G)[None, :]
-        r0, r1, r2, r3 = tl.randint4x(seed, counters)
-        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (ROWS, BLOCK_C // 2))
-        u = r.to(tl.uint32, bitcast=True)
-        return tl.reshape(tl.join(u & 0xFFFF, u >> 16), (ROWS, BLOCK_C))
-
-    @triton.jit
     def _norm_forward_kernel(x, branch, branch_bias, mask, row_scale, weight, bias, y,
-                             mean_out, rstd_out, M, C, T, keep_scale, threshold, eps,
-                             HAS_BIAS: tl.constexpr, MASK: tl.constexpr,
+                             mean_out, rstd_out, M, C, T, keep_scale, eps,
+                             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                              HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                              STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         # compiled with dynamic shapes, Inductor passes Python floats as float64: the
@@ -96,8 +78,6 @@ if triton is not None:
         b = tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)
         if HAS_BIAS:
             bb = tl.load(branch_bias + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if MASK == 2:
-            seed = tl.load(mask)
         for step in range(STEPS):
             rows, ok, offsets = _rows(step, M, C, ROWS, STEPS, BLOCK_C)
             # the loads stay in the kernel: Inductor takes any pointer passed to a helper as
@@ -105,12 +85,9 @@ if triton is not None:
             br = tl.load(branch + offsets, mask=ok, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 br += bb[None, :]
-            if MASK == 1:
+            if HAS_MASK:
                 br = tl.where(tl.load(mask + offsets, mask=ok, other=0) != 0, br * keep_scale,
                               0.0)
-            if MASK == 2:
-                br = tl.where(_draws(seed, rows, C, ROWS, BLOCK_C) >= threshold,
-                              br * keep_scale, 0.0)
             if HAS_SCALE:
                 br *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
             s = tl.load(x + offsets, mask=ok, other=0.0).to(tl.float32) + br
@@ -125,8 +102,7 @@ if triton is not None:
     @triton.jit
     def _norm_backward_kernel(x, branch, branch_bias, mask, row_scale, weight, mean_in,
                               rstd_in, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C,
-                              T, keep_scale, threshold, HAS_BIAS: tl.constexpr,
-                              MASK: tl.constexpr,
+                              T, keep_scale, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                               HAS_SCALE: tl.constexpr, ROWS: tl.constexpr,
                               STEPS: tl.constexpr, BLOCK_C: tl.constexpr):
         keep_scale = tl.cast(keep_scale, tl.float32)  # float64 from Inductor (see the forward)
@@ -138,16 +114,11 @@ if triton is not None:
         sum_w = tl.zeros((BLOCK_C,), tl.float32)
         sum_b = tl.zeros((BLOCK_C,), tl.float32)
         sum_bb = tl.zeros((BLOCK_C,), tl.float32)
-        if MASK == 2:
-            seed = tl.load(mask)
         for step in range(STEPS):
             rows, ok, offsets = _rows(step, M, C, ROWS, STEPS, BLOCK_C)
             factor = tl.full((ROWS, BLOCK_C), 1.0, tl.float32)  # d s / d branch
-            if MASK == 1:
+            if HAS_MASK:
                 keep = tl.load(mask + offsets, mask=ok, other=0) != 0
-                factor = tl.where(keep, keep_scale, 0.0)
-            if MASK == 2:
-                keep = _draws(seed, rows, C, ROWS, BLOCK_C) >= threshold
                 factor = tl.where(keep, keep_scale, 0.0)
             if HAS_SCALE:
                 factor *= tl.load(row_scale + rows // T, mask=rows < M, other=0.0)[:, None]
@@ -180,14 +151,6 @@ if triton is not None:
         return grid, {"ROWS": rows, "STEPS": steps, "BLOCK_C": triton.next_power_of_2(C),
                       "num_warps": warps}
 
-    def _mask_kind(mask: torch.Tensor | None) -> int:
-        """The kernels' MASK: 0 none, 1 a bool keep mask, 2 a (1,) int64 seed to draw it from."""
-        return 0 if mask is None else 1 if mask.dtype == torch.bool else 2
-
-    def _threshold(p: float) -> int:
-        """A draw (16 bits) keeps its element when >= this (as trainer.dropout.dropout_mask)."""
-        return round(p * 2**16)
-
     def forward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
                        mask: torch.Tensor | None, row_scale: torch.Tensor | None, T: int,
                        p: float, weight: torch.Tensor, bias: torch.Tensor, eps: float,
@@ -199,8 +162,8 @@ if triton is not None:
         grid, meta = _launch(M, C, FORWARD)
         args = (x, branch, bias if branch_bias is None else branch_bias,
                 x if mask is None else mask, mean if row_scale is None else row_scale,
-                weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), _threshold(p), eps)
-        return grid, args, dict(HAS_BIAS=branch_bias is not None, MASK=_mask_kind(mask),
+                weight, bias, y, mean, rstd, M, C, T, 1.0 / (1.0 - p), eps)
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
                                 HAS_SCALE=row_scale is not None, **meta)
 
     def backward_launch(x: torch.Tensor, branch: torch.Tensor, branch_bias: torch.Tensor | None,
@@ -218,8 +181,8 @@ if triton is not None:
         args = (x, branch, weight if branch_bias is None else branch_bias,
                 x if mask is None else mask, mean if row_scale is None else row_scale,
                 weight, mean, rstd, dy, dx, dbranch, partial_w, partial_b, partial_bb, M, C, T,
-                1.0 / (1.0 - p), _threshold(p))
-        return grid, args, dict(HAS_BIAS=branch_bias is not None, MASK=_mask_kind(mask),
+                1.0 / (1.0 - p))
+        return grid, args, dict(HAS_BIAS=branch_bias is not None, HAS_MASK=mask is not None,
                                 HAS_SCALE=row_scale is not None, **meta)
 
     @triton_op("amt::residual_norm", mutates_args=())
@@ -278,17 +241,10 @@ def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | No
                   branch_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(x + (branch + branch_bias) * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype,
     for ``x`` and ``branch`` (B, T, C) (see the module docstring). ``mask``: a bool keep
-    mask of their shape, or a (1,) int64 seed of the mask that
-    ``trainer.dropout.dropout_mask((B, T, C), p, seed)`` gives, which the kernels draw
-    themselves (no mask in memory) where C is a multiple of 8 (one Philox call per 8 elements
-    of a row) and ``dropout_mask`` draws otherwise, or None."""
+    mask of their shape, or None."""
     B, T, C = x.shape
     flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
-    m = mask
-    if mask is not None and mask.dtype != torch.bool and C % 8 != 0:
-        m = dropout_mask([B * T, C], p, mask)  # the same bits, in memory
-    elif mask is not None and mask.dtype == torch.bool:
-        m = mask.reshape(B * T, C).contiguous()
+    m = None if mask is None else mask.reshape(B * T, C).contiguous()
     y, _, _ = _residual_norm(flat[0], flat[1], branch_bias, m, row_scale, T, float(p),
                              norm.weight, norm.bias, float(norm.eps))
     return y.view(B, T, C)

@@ -155,7 +155,6 @@ def test_norm(runs: dict[str, Any]) -> None:
     assert len(r["forward"]) == 2 and len(r["backward"]) == 2
     assert r["best"]["forward"] in r["forward"] and r["best"]["backward"] in r["backward"]
     assert {"fwd_vs_inductor", "fwd_bwd_vs_inductor", "copy_gb_per_s"} <= set(r["comparison"])
-    assert r["drawn"]["seed_vs_mask"] > 0 and r["drawn"]["mask_kernel_ms"] > 0
 
 
 def test_real_run(runs: dict[str, Any]) -> None:

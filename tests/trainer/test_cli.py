@@ -126,3 +126,16 @@ def test_train_resume_and_failures(task: Path, tmp_path: Path,
     monkeypatch.setenv("AMT_INJECT_OOM", "1:99")
     line = user_error(capsys, *common, "--out-dir", str(tmp_path / "oom"))
     assert "out of memory" in line
+
+
+def test_a_stored_config_with_a_retired_key_still_loads(caplog: pytest.LogCaptureFixture
+                                                        ) -> None:
+    """Studies and checkpoints keep whole configs: one an earlier version wrote, with a key
+    since removed (``trainer.config.RETIRED_KEYS``), loads with a warning naming the key."""
+    from trainer.config import TrainConfig, config_from_dict, config_to_dict
+
+    stored = config_to_dict(TrainConfig())
+    stored["train"]["fused_norm_draws"] = False
+    with caplog.at_level("WARNING", logger="trainer.config"):
+        assert config_from_dict(stored) == TrainConfig()
+    assert "train.fused_norm_draws is no longer an option" in caplog.text

@@ -84,24 +84,18 @@ CASES = {
         x=x, branch=x.clone(), branch_bias=b.clone(), mask=torch.zeros(64, 256, dtype=torch.bool),
         row_scale=b, weight=b.clone(), bias=b.clone(), y=torch.empty_like(x),
         mean_out=torch.empty(64), rstd_out=torch.empty(64), M=64, C=256, T=8, keep_scale=1.1,
-        threshold=6554, eps=1e-5, HAS_BIAS=True, MASK=1, HAS_SCALE=True, ROWS=8, STEPS=2,
-        BLOCK_C=256)),
+        eps=1e-5, HAS_BIAS=True, HAS_MASK=True, HAS_SCALE=True, ROWS=8, STEPS=2, BLOCK_C=256)),
     "norm_backward": (norm._norm_backward_kernel, dict(
         x=x, branch=x.clone(), branch_bias=b.clone(), mask=torch.zeros(64, 256, dtype=torch.bool),
         row_scale=b, weight=b.clone(), mean_in=torch.empty(64), rstd_in=torch.empty(64),
         dy=x.clone(), dx=torch.empty_like(x), dbranch=torch.empty_like(x),
         partial_w=torch.empty(4, 256), partial_b=torch.empty(4, 256),
-        partial_bb=torch.empty(4, 256), M=64, C=256, T=8, keep_scale=1.1, threshold=6554,
-        HAS_BIAS=True, MASK=1, HAS_SCALE=True, ROWS=8, STEPS=2, BLOCK_C=256)),
+        partial_bb=torch.empty(4, 256), M=64, C=256, T=8, keep_scale=1.1,
+        HAS_BIAS=True, HAS_MASK=True, HAS_SCALE=True, ROWS=8, STEPS=2, BLOCK_C=256)),
     "dropout_mask": (dropout._mask_kernel, dict(
         seed_ptr=torch.zeros(1, dtype=torch.long), out=torch.empty(4096, dtype=torch.bool),
         n=4096, threshold=6554, BLOCK=4096)),
 }
-# the norm kernels drawing the dropout mask from a seed (MASK 2: ``mask`` is the seed)
-for name in ("norm_forward", "norm_backward"):
-    kernel, kwargs = CASES[name]
-    CASES[name + "_drawn"] = (kernel, {**kwargs, "mask": torch.zeros(1, dtype=torch.long),
-                                       "MASK": 2})
 print(json.dumps({"writes": {k: written(f, **kw) for k, (f, kw) in CASES.items()},
                   "fp64": {k: compile_error(f, **kw) for k, (f, kw) in CASES.items()}}))
 '''
@@ -120,7 +114,7 @@ def analysis() -> dict[str, dict]:
 
 
 KERNELS = ["gelu_forward", "gelu_backward", "ce_forward", "ce_backward", "dropout_mask",
-           "norm_forward", "norm_backward", "norm_forward_drawn", "norm_backward_drawn"]
+           "norm_forward", "norm_backward"]
 
 
 @pytest.mark.parametrize(("kernel", "outputs"), [
@@ -128,8 +122,6 @@ KERNELS = ["gelu_forward", "gelu_backward", "ce_forward", "ce_backward", "dropou
     ("ce_forward", ["loss", "lse_out", "nll"]), ("ce_backward", ["dz"]),
     ("dropout_mask", ["out"]), ("norm_forward", ["mean_out", "rstd_out", "y"]),
     ("norm_backward", ["dbranch", "dx", "partial_b", "partial_bb", "partial_w"]),
-    ("norm_forward_drawn", ["mean_out", "rstd_out", "y"]),
-    ("norm_backward_drawn", ["dbranch", "dx", "partial_b", "partial_bb", "partial_w"]),
 ])
 def test_kernel_writes_only_its_outputs(analysis: dict[str, dict], kernel: str,
                                         outputs: list[str]) -> None:

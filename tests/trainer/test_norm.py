@@ -28,13 +28,13 @@ def reference(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | None,
 
 
 def check_against_reference(f: Callable[..., torch.Tensor], x: torch.Tensor,
-                            branch: torch.Tensor, dropout: torch.Tensor | None,
-                            mask: torch.Tensor | None, scale: torch.Tensor | None, p: float,
-                            norm: torch.nn.LayerNorm, bias: torch.Tensor | None,
-                            grad: torch.Tensor, bf16: bool = False) -> None:
-    """``f`` (residual_norm, maybe compiled) with ``dropout`` (the mask or its seed) against
-    :func:`reference` with ``mask``: the output and every gradient (bf16: to its precision)."""
-    y = f(x, branch, dropout, scale, p, norm, bias)
+                            branch: torch.Tensor, mask: torch.Tensor | None,
+                            scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
+                            bias: torch.Tensor | None, grad: torch.Tensor, bf16: bool = False
+                            ) -> None:
+    """``f`` (residual_norm, maybe compiled) against :func:`reference`: the output and every
+    gradient (bf16: to its precision)."""
+    y = f(x, branch, mask, scale, p, norm, bias)
     y.backward(grad)
     tensors = [x, branch, norm.weight, norm.bias] + ([bias] if bias is not None else [])
     ours = [t.grad for t in tensors]
@@ -83,7 +83,7 @@ def test_matches_layer_norm_of_the_residual(shape: tuple[int, int, int], masked:
     norm = _norm(C)
     bias = torch.randn(C, device=DEVICE, requires_grad=True) if biased else None
     grad = torch.randn(*shape, device=DEVICE)
-    check_against_reference(residual_norm, x, branch, mask, mask, scale, 0.1, norm, bias, grad)
+    check_against_reference(residual_norm, x, branch, mask, scale, 0.1, norm, bias, grad)
 
 
 def test_bf16_stream_keeps_its_dtype() -> None:
@@ -130,39 +130,6 @@ def test_block_fused_norm_matches_plain_block_without_randomness() -> None:
     torch.testing.assert_close(y0, y1)
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("shape", [(3, 5, 40), (2, 37, 24), (1, 3, 8), (2, 35, 768),
-                                   (2, 7, 12)])
-def test_seed_draws_the_mask_dropout_mask_gives(shape: tuple[int, int, int]) -> None:
-    """A (1,) int64 seed instead of a mask: the kernels draw, forward and backward, exactly the
-    mask ``dropout_mask(shape, p, seed)`` gives (rows over several programs, a partial one);
-    a width not a multiple of 8 (12) has the mask drawn by ``dropout_mask`` itself."""
-    from trainer.dropout import dropout_mask
-
-    torch.manual_seed(2)
-    B, T, C = shape
-    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
-    branch = torch.randn(*shape, device=DEVICE, requires_grad=True)
-    scale = torch.rand(B, device=DEVICE) + 0.5
-    norm = _norm(C)
-    bias = torch.randn(C, device=DEVICE, requires_grad=True)
-    grad = torch.randn(*shape, device=DEVICE)
-    seed = torch.tensor([12345], device=DEVICE)
-    mask = dropout_mask(list(shape), 0.3, seed)
-    assert 0.2 < 1 - mask.float().mean().item() < 0.4
-    check_against_reference(residual_norm, x, branch, seed, mask, scale, 0.3, norm, bias, grad)
-
-
-def test_block_norm_draws_match_the_mask_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``Block.norm_draws`` (``train.fused_norm_draws``): under the same random state, the same
-    output and gradients as the fused path with the mask tensor (one seed, the same bits)."""
-    y0, g0 = _block_run(0.25, fused_norm=True)
-    monkeypatch.setattr("trainer.model.random_mask", None)  # no mask tensor on this path
-    y1, g1 = _block_run(0.25, fused_norm=True, norm_draws=True)
-    torch.testing.assert_close(y0, y1)
-    for a, b in zip(g0, g1, strict=True):
-        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -301,11 +268,10 @@ def test_block_residual_addmm_matches_fused_block(dropout: float,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
-@pytest.mark.parametrize("drawn", [False, True])
-def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
+def test_compiled_bf16_with_dropout_matches_reference() -> None:
     """As the block uses it: compiled with dynamic shapes, a bf16 stream, the dropout mask
-    from trainer.dropout's kernel (or drawn in the kernels from its seed) and a drop-path
-    scale; against the reference with the same mask and scale."""
+    from trainer.dropout's kernel and a drop-path scale; against the reference with the same
+    mask and scale."""
     from trainer.dropout import dropout_mask
 
     torch.manual_seed(0)
@@ -314,13 +280,11 @@ def test_compiled_bf16_with_dropout_matches_reference(drawn: bool) -> None:
     for B, T in ((64, 40), (30, 70)):
         x = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
         branch = torch.randn(B, T, 768, device=DEVICE).bfloat16().requires_grad_()
-        seed = torch.tensor([7], device=DEVICE)
-        mask = dropout_mask([B, T, 768], 0.1, seed)
+        mask = dropout_mask([B, T, 768], 0.1, torch.tensor([7], device=DEVICE))
         scale = (torch.rand(B, device=DEVICE) > 0.1).float() / 0.9
         grad = torch.randn(B, T, 768, device=DEVICE).bfloat16()
         bias = (torch.randn(768, device=DEVICE) * 0.1).requires_grad_()
-        check_against_reference(f, x, branch, seed if drawn else mask, mask, scale, 0.1, norm,
-                                bias, grad, bf16=True)
+        check_against_reference(f, x, branch, mask, scale, 0.1, norm, bias, grad, bf16=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (Inductor + Triton)")
