@@ -382,6 +382,7 @@ RETIRED_KEYS = {
     "train.fused_norm_draws": "the dropout mask drawn inside trainer.norm's kernels: no gain "
                               "measured (BENCHMARKS.md P1, session 12)",
 }
+_warned: set[str] = set()
 
 
 def build_dataclass(cls: type[T], raw: Any, path: str) -> T:
@@ -391,8 +392,10 @@ def build_dataclass(cls: type[T], raw: Any, path: str) -> T:
         where = path or "the top level"
         raise ConfigError(f"{where} must be a mapping, got {type(raw).__name__}")
     for key in [k for k in raw if f"{path}.{k}" in RETIRED_KEYS]:
-        logging.getLogger(__name__).warning("%s.%s is no longer an option (%s); ignored", path,
-                                            key, RETIRED_KEYS[f"{path}.{key}"])
+        if f"{path}.{key}" not in _warned:  # once a process: a stored study is read often
+            _warned.add(f"{path}.{key}")
+            logging.getLogger(__name__).warning("%s.%s is no longer an option (%s); ignored",
+                                                path, key, RETIRED_KEYS[f"{path}.{key}"])
         raw = {k: v for k, v in raw.items() if k != key}
     hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
