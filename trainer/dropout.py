@@ -59,14 +59,10 @@ def dropout_mask(shape: list[int], p: float, seed: torch.Tensor) -> torch.Tensor
     return _dropout_mask(seed, list(shape), round(p * 2**16))
 
 
-def random_seed(device: torch.device) -> torch.Tensor:
-    """A fresh (1,) int64 mask seed, drawn from the device's generator."""
-    return torch.randint(0, 2**31 - 1, (1,), device=device)
-
-
 def random_mask(shape: list[int], p: float, device: torch.device) -> torch.Tensor:
-    """A fresh keep mask: :func:`dropout_mask` on a :func:`random_seed`."""
-    return dropout_mask(shape, p, random_seed(device))
+    """A fresh keep mask: :func:`dropout_mask` on a seed drawn from the device's generator."""
+    seed = torch.randint(0, 2**31 - 1, (1,), device=device)
+    return dropout_mask(shape, p, seed)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
