@@ -13,6 +13,7 @@ hidden) and (``k < prefix_end[b]`` or ``k <= q``).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -24,7 +25,7 @@ from trainer import norm as norm_kernels
 from trainer.config import ModelConfig
 from trainer.dropout import dropout, random_mask
 
-__all__ = ["DecoderLM", "KVCache", "attention_mask"]
+__all__ = ["DecoderLM", "KVCache", "PackedRows", "attention_mask"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +72,18 @@ def attention_mask(
     visible = (k < prefix_end[:, None, None]) | (k <= q)  # (B, Tq, Tk)
     visible = visible & (k >= start[:, None, None])
     return visible[:, None]
+
+
+class PackedRows(NamedTuple):
+    """A batch's rows without their padding, back to back: the blocks' input is (N, C), row
+    ``b`` its tokens ``starts[b]`` to ``starts[b] + lengths[b] - 1``. Training with the fused
+    attention kernel only (the mask the blocks get, see :meth:`DecoderLM.forward`)."""
+
+    prefix_end: torch.Tensor  # (B,) int32; zeros: causal
+    starts: torch.Tensor  # (B,) int32
+    lengths: torch.Tensor  # (B,) int32
+    rows: torch.Tensor  # (N,) each token's row (stochastic depth draws per row)
+    width: int  # the padded batch's T (>= every length)
 
 
 class KVCache:
@@ -125,18 +138,22 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None, add_bias: bool = True,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | PackedRows | None, cache: KVCache | None,
+                add_bias: bool = True, qkv: torch.Tensor | None = None) -> torch.Tensor:
         """The attention's output projection; without its bias if not ``add_bias`` (the
         caller adds it: trainer.norm's kernels). ``qkv``: ``self.qkv(x)`` if the caller
         computed it (trainer.norm.residual_linear)."""
-        B, T, C = x.shape
         dropout = self.dropout if self.training else 0.0
         bias = self.proj.bias if add_bias else None
         qkv = self.qkv(x) if qkv is None else qkv
+        if isinstance(mask, PackedRows):  # x (N, C): rows without padding
+            y = attention.fused_attention(qkv, rope, mask.prefix_end, self.n_heads, dropout,
+                                          packed=(mask.starts, mask.lengths, mask.width))
+            return F.linear(y, self.proj.weight, bias)
         if mask is not None and mask.dim() == 1:  # prefix ends (B,): the fused kernel
             y = attention.fused_attention(qkv, rope, mask, self.n_heads, dropout)
             return F.linear(y, self.proj.weight, bias)
+        B, T, C = x.shape
         q, k, v = qkv.view(B, T, 3, self.n_heads, C // self.n_heads).unbind(2)
         if rope is not None:  # in the qkv layout (B, T, nh, hs): reads and writes in order
             q, k = apply_rotary(q, *rope, self.rope_pairs), apply_rotary(k, *rope, self.rope_pairs)
@@ -170,13 +187,22 @@ class MLP(nn.Module):
         return F.linear(h, self.down.weight, self.down.bias if add_bias else None)
 
 
-def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool) -> torch.Tensor:
+def drop_path(x: torch.Tensor, p: torch.Tensor, training: bool,
+              packed: PackedRows | None = None) -> torch.Tensor:
     """Stochastic depth: zero the whole residual branch of a row with probability ``p`` (a
     0-dim tensor, not a float: a compiled block would be specialised, and recompiled, for
-    every layer's rate)."""
+    every layer's rate). ``x`` (B, T, C), or (N, C) rows without padding (``packed``)."""
     if not training:
         return x
-    return x * drop_path_keep(x.size(0), p, x)[:, None, None] / (1 - p)
+    return x * row_keep(x, p, packed) / (1 - p)
+
+
+def row_keep(x: torch.Tensor, p: torch.Tensor, packed: PackedRows | None) -> torch.Tensor:
+    """Stochastic depth's keep (1) or drop (0) of each row, broadcast to ``x``'s tokens:
+    (B, 1, 1) for ``x`` (B, T, C), (N, 1) for packed rows (the same draws either way)."""
+    if packed is None:
+        return drop_path_keep(x.size(0), p, x)[:, None, None]
+    return drop_path_keep(packed.prefix_end.size(0), p, x)[packed.rows][:, None]
 
 
 def drop_path_keep(rows: int, p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -209,22 +235,24 @@ class Block(nn.Module):
         self.residual_addmm = False
 
     def residual(self, x: torch.Tensor, branch: torch.Tensor, norm: nn.LayerNorm,
-                 branch_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 branch_bias: torch.Tensor | None = None, packed: PackedRows | None = None
+                 ) -> torch.Tensor:
         """``x`` plus the dropped-out ``branch``, normalised (post-norm); ``branch_bias``: the
-        bias the branch was computed without (only with the fused kernels, see forward)."""
+        bias the branch was computed without (only with the fused kernels, see forward);
+        ``packed``: ``x`` is (N, C), rows without padding."""
         if self.fuses_norm():
             mask = scale = None
             if self.dropout > 0:  # the same draws as trainer.dropout.dropout's
                 mask = random_mask(list(branch.shape), self.dropout, x.device)
-            if self.stochastic_depth:  # and as drop_path's
+            if self.stochastic_depth:  # and as drop_path's: per row (B,) or per token (N,)
                 p = self.drop_path_p
-                scale = drop_path_keep(x.size(0), p, x).float() / (1 - p)
+                scale = row_keep(x, p, packed).flatten().float() / (1 - p)
             return norm_kernels.residual_norm(x, branch, mask, scale, self.dropout, norm,
                                               branch_bias)
         # compiled for a GPU: the mask from trainer.dropout's kernel, not Inductor's
         branch = dropout(branch, self.dropout, self.training)
         if self.stochastic_depth:
-            branch = drop_path(branch, self.drop_path_p, self.training)
+            branch = drop_path(branch, self.drop_path_p, self.training, packed)
         x = x + branch
         # post-norm: the stream keeps its input's dtype (autocast's LayerNorm returns fp32)
         return x if self.pre_norm else norm(x).type_as(x)
@@ -233,22 +261,24 @@ class Block(nn.Module):
         return self.fused_norm and self.training and not self.pre_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | PackedRows | None, cache: KVCache | None = None
+                ) -> torch.Tensor:
         # with trainer.norm's kernels, the projections' biases are added (and their gradients
         # summed) there, not in the matmuls
         fused = self.fuses_norm()
         first = fused and self.residual_addmm  # the branches' first matmuls here, see init
+        packed = mask if isinstance(mask, PackedRows) else None
         qkv = up = None
         if first:
             qkv, x = norm_kernels.residual_linear(x, self.attn.qkv.weight, self.attn.qkv.bias)
         h = self.norm1(x) if self.pre_norm else x
         x = self.residual(x, self.attn(h, rope, mask, cache, add_bias=not fused, qkv=qkv),
-                          self.norm1, self.attn.proj.bias if fused else None)
+                          self.norm1, self.attn.proj.bias if fused else None, packed)
         if first:
             up, x = norm_kernels.residual_linear(x, self.mlp.up.weight, None)
         h = self.norm2(x) if self.pre_norm else x
         return self.residual(x, self.mlp(h, add_bias=not fused, up=up), self.norm2,
-                             self.mlp.down.bias if fused else None)
+                             self.mlp.down.bias if fused else None, packed)
 
 
 class DecoderLM(nn.Module):
@@ -298,12 +328,31 @@ class DecoderLM(nn.Module):
         return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
 
     def forward(self, tokens: torch.Tensor, prefix_lens: torch.Tensor,
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, packed: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Logits (B, T, V) for right-padded ``tokens`` (B, T); ``prefix_lens`` (B,) counts the
         source tokens and <sep> of each row (ignored by the ``causal`` mask). With ``select``
-        (N,), indices into the flattened B*T positions, only those logits (N, V): training
-        skips the LM head where there is no target."""
+        (S,), indices into the flattened B*T positions, only those logits (S, V): training
+        skips the LM head where there is no target.
+
+        ``packed`` (N,), with the fused attention only: the flattened positions of the rows'
+        real tokens, ascending (found on the host: no device sync). The blocks then run on
+        those N tokens alone, rows back to back with no padding (:class:`PackedRows`), and
+        ``select`` indexes them; the result is the same as padded rows give at those
+        positions (a training step with less work: the matmuls skip the padding)."""
         B, T = tokens.shape
+        if packed is not None:
+            if not self.fused_attention:
+                raise ValueError("packed rows need the fused attention kernel")
+            # row b's tokens are packed[bounds[b]:bounds[b + 1]]
+            bounds = torch.searchsorted(
+                packed, torch.arange(B + 1, device=tokens.device) * T).to(torch.int32)
+            rows = packed // T
+            causal = self.cfg.attention_mask == "causal"
+            rows_mask = PackedRows((torch.zeros_like(prefix_lens) if causal else prefix_lens)
+                                   .to(torch.int32), bounds[:-1], bounds.diff(), rows, T)
+            return self.run(tokens.flatten()[packed], packed - rows * T, rows_mask,
+                            select=select)
         positions = torch.arange(T, device=tokens.device).expand(B, T)
         mask: torch.Tensor | None
         if self.fused_attention:
@@ -317,17 +366,19 @@ class DecoderLM(nn.Module):
             mask = attention_mask(torch.zeros_like(prefix_lens), prefix_lens, T, T)
         return self.run(tokens, positions, mask, select=select)
 
-    def run(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-            cache: KVCache | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor,
+            mask: torch.Tensor | PackedRows | None, cache: KVCache | None = None,
+            select: torch.Tensor | None = None) -> torch.Tensor:
         """The network on ``tokens`` (B, T) at ``positions`` (B, T) with a prepared ``mask``
-        (None: causal; a (B,) tensor: the prefix ends, for the fused kernel); with ``cache``,
-        the tokens follow the cached ones. Logits (B, T, V)."""
+        (None: causal; a (B,) tensor: the prefix ends, for the fused kernel; or tokens and
+        positions (N,) of :class:`PackedRows`); with ``cache``, the tokens follow the cached
+        ones. Logits (B, T, V) (or (N, V))."""
         x = self.wte(tokens)  # (B, T, C)
         rope = None
         if self.cfg.positional == "rope":
             angles = rotary_angles(positions, self.cfg.d_model // self.cfg.n_heads,
-                                   self.cfg.rope_base)[:, :, None]  # (B, T, 1, hs/2)
-            rope = (angles.cos(), angles.sin())
+                                   self.cfg.rope_base)[..., None, :]
+            rope = (angles.cos(), angles.sin())  # (B, T, 1, hs/2) or (N, 1, hs/2)
         else:
             x = x * math.sqrt(self.cfg.d_model) + sinusoid(positions, self.cfg.d_model)
         x = self.dropout(x)
@@ -348,7 +399,7 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.length += tokens.size(1)
         x = self.norm_f(x)
-        if select is not None:
-            x = x.flatten(0, 1).index_select(0, select)  # (N, C); backward: index_add_
+        if select is not None:  # (S, C); backward: index_add_
+            x = x.reshape(-1, x.size(-1)).index_select(0, select)
         weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, weight)  # (B, T, V)

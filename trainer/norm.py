@@ -240,14 +240,15 @@ def residual_norm(x: torch.Tensor, branch: torch.Tensor, mask: torch.Tensor | No
                   row_scale: torch.Tensor | None, p: float, norm: torch.nn.LayerNorm,
                   branch_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``norm(x + (branch + branch_bias) * mask / (1 - p) * row_scale[b])`` in ``x``'s dtype,
-    for ``x`` and ``branch`` (B, T, C) (see the module docstring). ``mask``: a bool keep
-    mask of their shape, or None."""
-    B, T, C = x.shape
-    flat = [t.reshape(B * T, C).contiguous() for t in (x, branch)]
-    m = None if mask is None else mask.reshape(B * T, C).contiguous()
+    for ``x`` and ``branch`` (B, T, C), ``row_scale`` (B,); or (N, C) and (N,), one scale per
+    token (see the module docstring). ``mask``: a bool keep mask of their shape, or None."""
+    C = x.size(-1)
+    T = x.size(1) if x.dim() == 3 else 1  # tokens per entry of row_scale
+    flat = [t.reshape(-1, C).contiguous() for t in (x, branch)]
+    m = None if mask is None else mask.reshape(-1, C).contiguous()
     y, _, _ = _residual_norm(flat[0], flat[1], branch_bias, m, row_scale, T, float(p),
                              norm.weight, norm.bias, float(norm.eps))
-    return y.view(B, T, C)
+    return y.view(x.shape)
 
 
 @torch.library.custom_op("amt::addmm_", mutates_args=("out",))

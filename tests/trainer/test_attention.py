@@ -171,3 +171,76 @@ def test_auto_takes_sdpa_only_for_compiled_small_micro_batches(tmp_path: Path) -
     assert fused(**{"train.compile": True, "train.tokens_per_batch": big})
     assert fused(**{"train.compile": True, "train.attention": "fused"})
     assert not fused(**{"train.attention": "sdpa"})
+
+
+def _padded_batch(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Right-padded rows of T or fewer tokens: tokens (B, T), prefix ends (B,), the target
+    positions in the flattened B*T, the real positions (``packed``) and the target positions
+    among those."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
+    lengths[0] = T
+    real = torch.arange(T) < lengths[:, None]
+    tokens = torch.randint(1, 50, (B, T), generator=gen) * real
+    prefix = (lengths * torch.rand(B, generator=gen)).long().clamp(min=1)
+    target = real & (torch.arange(T) >= prefix[:, None] - 1)
+    select = target.flatten().nonzero().squeeze(1)
+    packed = real.flatten().nonzero().squeeze(1)
+    packed_select = target.flatten()[packed].nonzero().squeeze(1)
+    return tuple(t.to(DEVICE) for t in (tokens, prefix, select, packed, packed_select))
+
+
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_packed_rows_match_padded_rows(fused_norm: bool) -> None:
+    # the blocks on the real tokens alone (rows back to back) give the padded rows' logits
+    # and gradients; stochastic depth draws per row either way (dropout would draw per
+    # element of different shapes, so it is off); T = 70: the backward's tail tile of keys
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.0,
+                      drop_path=0.5, max_len=256)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE).train()
+    model.fused_attention = True
+    for block in model.blocks:
+        block.fused_norm = block.residual_addmm = fused_norm
+    for T in (70, 21):
+        tokens, prefix, select, packed, packed_select = _padded_batch(3, T, seed=T)
+        weight = torch.randn(len(select), 50, device=DEVICE)
+        results = []
+        for extra in ((select,), (packed_select, packed)):
+            torch.manual_seed(1)  # the same stochastic-depth draws
+            logits = model(tokens, prefix, *extra)
+            (logits * weight).sum().backward()
+            results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+            model.zero_grad()
+        torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+        for got, want in zip(results[1][1], results[0][1], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        torch.manual_seed(2)  # other draws drop other rows' branches: the draws matter
+        assert not torch.allclose(model(tokens, prefix, packed_select, packed), results[1][0])
+
+
+def test_packed_rows_compile_without_recompiling() -> None:
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.1,
+                      drop_path=0.1, max_len=256)
+    torch.manual_seed(0)
+    model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE).train()
+    model.fused_attention = True
+    torch._dynamo.reset()
+    for block in model.blocks:
+        block.compile(dynamic=True)
+    from torch._dynamo.utils import counters
+    counters.clear()
+    for B, T in ((3, 40), (4, 23), (2, 70)):
+        tokens, prefix, _, packed, packed_select = _padded_batch(B, T, seed=T)
+        logits = model(tokens, prefix, packed_select, packed)
+        assert logits.shape == (len(packed_select), 50) and torch.isfinite(logits).all()
+        logits.square().mean().backward()
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_packed_rows_need_the_fused_kernel() -> None:
+    cfg = ModelConfig(n_layers=1, d_model=64, n_heads=2, d_ff=128)
+    model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE)
+    tokens, prefix, _, packed, packed_select = _padded_batch(2, 9)
+    with pytest.raises(ValueError, match="fused attention"):
+        model(tokens, prefix, packed_select, packed)

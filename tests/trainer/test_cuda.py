@@ -58,3 +58,17 @@ def test_cached_decoding_on_cuda(dtype: torch.dtype) -> None:
     assert len(beams) == 3
     if dtype == torch.float32:
         assert graphed == cached == recomputed and beams == beams_eager
+
+
+def test_unpadded_training_matches_padded(task: Path, tmp_path: Path) -> None:
+    # train.unpad (the fused attention's rows without padding) against padded rows: the same
+    # run in float32 without dropout (whose masks are drawn per element of other shapes);
+    # stochastic depth draws per row either way. Then compiled in bf16, with dropout.
+    common = {"model.d_model": 64, "model.n_heads": 2, "model.norm": "post",
+              "model.dropout": 0.0, "train.attention": "fused", "train.precision": "fp32"}
+    runs = [fit(tiny_config(task, tmp_path / f"run{unpad}", **common, **{"train.unpad": unpad}))
+            for unpad in (False, True)]
+    assert math.isclose(runs[0].val_loss, runs[1].val_loss, rel_tol=1e-3), runs
+    compiled = fit(tiny_config(task, tmp_path / "compiled", **{
+        **common, "model.dropout": 0.1, "train.precision": "auto", "train.compile": True}))
+    assert math.isfinite(compiled.val_loss) and compiled.steps == 12

@@ -200,10 +200,9 @@ def test_nan_loss_raises_training_failed(task: Path, tmp_path: Path,
     forward = DecoderLM.forward
     calls = {"n": 0}
 
-    def poisoned(self: DecoderLM, tokens: torch.Tensor, prefix_lens: torch.Tensor,
-                 select: torch.Tensor | None = None) -> torch.Tensor:
+    def poisoned(self: DecoderLM, *args: Any) -> torch.Tensor:
         calls["n"] += 1
-        logits = forward(self, tokens, prefix_lens, select)
+        logits = forward(self, *args)
         return logits * float("nan") if self.training and calls["n"] > 4 else logits
 
     monkeypatch.setattr(DecoderLM, "forward", poisoned)
@@ -258,3 +257,24 @@ def test_token_losses_match_cross_entropy(compiled: bool) -> None:
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(nll, ref_nll)
     torch.testing.assert_close(logits.grad, ref_grad)
+
+
+def test_unpadded_batches_keep_every_real_token_and_target(tmp_path: Path) -> None:
+    # train.unpad: the packed positions are each row's source, <sep>, target and <eos> (no
+    # padding), and the selected targets are the padded batch's, in the same order
+    from trainer.loop import _to_device
+
+    data = prepare(tiny_config(write_task(tmp_path / "task.tsv"), tmp_path / "run").data)
+    for batch in list(data.batches(data.train, 512, shuffle=True, seed=0, epoch=0))[:4]:
+        cpu = torch.device("cpu")
+        tokens, prefix, select, targets, packed = _to_device(
+            batch.tokens, batch.prefix_lens, batch.targets, cpu)
+        _, _, p_select, p_targets, p = _to_device(
+            batch.tokens, batch.prefix_lens, batch.targets, cpu, unpad=True)
+        assert packed is None and p is not None
+        assert torch.equal(p_targets, targets) and torch.equal(p[p_select], select)
+        real = tokens.flatten()[p]
+        assert len(p) == int(batch.prefix_lens.sum()) + batch.n_target_tokens
+        assert (real != data.pad_id).all()
+        assert (tokens.flatten()[~torch.isin(torch.arange(tokens.numel()), p)]
+                == data.pad_id).all()
