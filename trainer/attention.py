@@ -1,5 +1,8 @@
 """Fused training attention: RoPE, the prefix-LM mask, softmax, dropout and ``P @ V`` in
-Triton kernels that read q, k, v straight from the qkv projection's output (B, T, 3C).
+Triton kernels that read q, k, v straight from the qkv projection's output: (B, T, 3C) of
+padded rows, or (N, 3C) of rows without padding back to back (``train.unpad``). The kernels
+see only the latter: row ``b`` is ``lengths[b]`` tokens from token ``starts[b]`` (padded rows:
+``b * T`` and ``T``), so the matmuls around them need not compute the padding.
 
 Why: at the corpus's lengths (T ~ 66) SDPA's masked kernel (memory-efficient, the only one
 taking both a mask and dropout) took 2.3 of a block's 9.2 ms of GPU time (64k tokens, H200),
@@ -15,7 +18,8 @@ Same maths as :class:`trainer.model.SelfAttention` on SDPA: key ``k`` is visible
 ``q`` of row ``b`` when ``k < prefix_end[b]`` or ``k <= q`` (right padding only, as in
 training); dropout drops probabilities after the softmax and scales by 1 / (1 - p). Random
 bits come from Philox (``tl.randint4x``) on a per-call seed and the (row, head, query, key)
-counter, so every kernel regenerates the same mask whatever its tiles.
+counter (laid out by the padded width T), so every kernel regenerates the same mask whatever
+its tiles, and a row's mask is the same padded or not.
 """
 
 from __future__ import annotations
