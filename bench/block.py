@@ -72,10 +72,10 @@ VARIANTS: dict[str, tuple[dict[str, Callable[..., Any]], dict[str, Any], dict[st
     "fp32_residual": ({}, {}, {"fp32_residual": True}),
     # the trainer's kernel options against their defaults (current follows the defaults):
     # post-norm's dropout + drop-path + residual + LayerNorm left to Inductor, the residual's
-    # gradient added in the branches' first matmuls (trainer.norm.residual_linear), the MLP's
-    # bias + GELU left to Inductor
+    # gradient added by a separate kernel instead of in the branches' first matmuls
+    # (trainer.norm.residual_linear), the MLP's bias + GELU left to Inductor
     "unfused_norm": ({}, {}, {"fused_norm": False}),
-    "residual_addmm": ({}, {}, {"residual_addmm": True}),
+    "no_residual_addmm": ({}, {}, {"residual_addmm": False}),
     "unfused_mlp": ({}, {}, {"fused_mlp": False}),
     "inductor_dropout": ({"dropout": inductor_dropout}, {}, {}),
     "no_residual_dropout": ({"dropout": no_dropout_fn}, {}, {}),
