@@ -190,14 +190,17 @@ def _padded_batch(B: int, T: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(DEVICE) for t in (tokens, prefix, select, packed, packed_select))
 
 
-@pytest.mark.parametrize(("fused_norm", "widths"), [(False, (70, 21)), (True, (21,))])
-def test_packed_rows_match_padded_rows(fused_norm: bool, widths: tuple[int, ...]) -> None:
+@pytest.mark.parametrize(("fused_norm", "widths", "shape"), [
+    (False, (70, 21), {}), (True, (21,), {}),
+    (False, (21,), {"positional": "sinusoidal", "attention_mask": "causal", "norm": "pre"})])
+def test_packed_rows_match_padded_rows(fused_norm: bool, widths: tuple[int, ...],
+                                       shape: dict) -> None:
     # the blocks on the real tokens alone (rows back to back) give the padded rows' logits
     # and gradients; stochastic depth draws per row either way (dropout would draw per
     # element of different shapes, so it is off); T = 70: the backward's tail tile of keys
     # (the norm kernels, slow in the interpreter, do not depend on T)
     cfg = ModelConfig(n_layers=2, d_model=64, n_heads=2, d_ff=128, dropout=0.0,
-                      drop_path=0.5, max_len=256)
+                      drop_path=0.5, max_len=256, **shape)
     torch.manual_seed(0)
     model = DecoderLM(cfg, vocab_size=50, pad_id=0).to(DEVICE).train()
     model.fused_attention = True
