@@ -262,11 +262,12 @@ def _to_device(tokens: torch.Tensor, prefix_lens: torch.Tensor, targets: torch.T
     host once per micro-batch, and torch's CPU operators and one copy per tensor took ~10 ms
     of it there (H200 host, 64k-token batches), as long as a tenth of the GPU's step."""
     t = targets.numpy()
-    has_target = t.ravel() != IGNORE_INDEX
+    is_target = t != IGNORE_INDEX
+    has_target = is_target.ravel()
     parts = [tokens.numpy().ravel(), prefix_lens.numpy()]
     packed = None
     if unpad:
-        lengths = parts[1] + (t != IGNORE_INDEX).sum(1)  # <eos> is the last target
+        lengths = parts[1] + is_target.sum(1)  # <eos> is the last target
         packed = np.flatnonzero(np.arange(t.shape[1]) < lengths[:, None])
         has_target = has_target[packed]
     select = np.flatnonzero(has_target)
