@@ -213,6 +213,7 @@ class Objective:
             "checkpoint": result.checkpoint,
             "checkpoint_sha256": result.checkpoint_sha256,
             "stopped_by": result.stopped_by,
+            "bleu_signature": result.bleu_signature,
         }.items():
             trial.set_user_attr(key, value)
         log.info("trial %d complete: BLEU-4 %.2f", trial.number, result.bleu)

@@ -35,12 +35,14 @@ import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from search.config import SearchConfig
+from search.config import SearchConfig, trial_train_config
 from search.errors import SearchError
 from search.leaderboard import best_trial, trial_row
 from search.study import count_trials, load_study
 from storage import mask_url, resolve_url
 from storage.paths import state_dir
+from trainer.data import describe_corpus
+from trainer.errors import ConfigError
 
 if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: every other amt-search
     import matplotlib  # command starts ~0.35 s faster without it
@@ -178,6 +180,14 @@ def summary_markdown(
         f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting; "
         "a retried trial counts once)",
     ]
+    try:
+        lines.append(f"- corpus: {describe_corpus(trial_train_config(cfg, {}, out_dir='.').data)}")
+    except ConfigError:
+        pass
+    signatures = sorted({str(t.user_attrs["bleu_signature"]) for t in trials
+                         if t.user_attrs.get("bleu_signature")})
+    if signatures:
+        lines.append(f"- BLEU-4: sacrebleu {' / '.join(f'`{s}`' for s in signatures)}")
     if unit == "CPU":
         lines.append(
             "- GPU-seconds spent: none recorded (the trials ran on the CPU; CPU-seconds below)"

