@@ -104,6 +104,13 @@ class DataConfig:
         _fraction(self, "val_fraction", "test_fraction")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+        if self.vocab_size < 259:
+            raise ConfigError(f"data.vocab_size must be >= 259 (256 bytes + <pad> <sep> <eos>), "
+                              f"got {self.vocab_size}")
+        if self.source == "bible" and (self.path or self.train_path):
+            key = "data.path" if self.path else "data.train_path"
+            raise ConfigError(f"{key} is set but data.source is 'bible': set data.source to "
+                              "'tsv' or 'jsonl' to read files")
         if self.source != "bible" and not (self.path or self.train_path):
             raise ConfigError(
                 f"data.path (or data.train_path) is required for source '{self.source}'"

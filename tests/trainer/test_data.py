@@ -366,3 +366,45 @@ def test_cli_list_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["export"])  # --out missing: argparse's own one-line error
     assert exit_info.value.code == 2
+
+
+def test_control_tokens_in_the_text_are_text_and_cuts_keep_whole_characters(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pairs = [(f"say <sep> {i}", f"d <eos><pad> {i}") for i in range(40)]
+    # Japanese targets longer than max_tgt_tokens: a cut must not split a character's bytes
+    pairs += [(f"line {i}", "初めに、神が天と地を創造した。" * 3 + str(i)) for i in range(40)]
+    path = write_tsv(tmp_path / "c.tsv", pairs)
+    with path.open("a", encoding="utf-8") as f:
+        f.write("only a source\t\n")
+    cfg = DataConfig(source="tsv", train_path=str(path), val_path=str(path), vocab_size=300,
+                     max_tgt_tokens=13, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("WARNING"):
+        data = prepare(cfg)
+    assert "1 line(s) with an empty side skipped (line 81)" in caplog.text
+    for ex in data.val:
+        assert data.eos_id not in ex.tgt_ids and data.sep_id not in ex.src_ids
+        text = data.decode(ex.tgt_ids)
+        assert "\ufffd" not in text and ex.tgt_text.startswith(text)
+        if ex.tgt_text.startswith("d "):
+            assert text == ex.tgt_text  # '<eos>' and '<pad>' written out round-trip
+        else:
+            assert 0 < len(ex.tgt_ids) <= 13
+
+
+def test_bible_placeholder_verses_are_not_pairs() -> None:
+    placeholder = corpus_module._bible_placeholder
+    assert placeholder("-") and placeholder("***") and placeholder("(*)")
+    assert placeholder("상동") and placeholder("(Missing KJV: For the Son of man ...)")
+    assert not placeholder("태초에 하나님이 천지를 창조하시니라")
+    assert not placeholder("Jesus wept.")
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"path": "x.tsv"}, "data.path is set but data.source is 'bible'"),
+    ({"train_path": "x.tsv"}, "data.train_path is set but data.source is 'bible'"),
+    ({"vocab_size": 50}, "data.vocab_size must be >= 259"),
+])
+def test_data_config_contradictions(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        DataConfig(**kwargs)  # type: ignore[arg-type]

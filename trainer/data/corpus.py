@@ -2,7 +2,8 @@
 
 Every text goes through :func:`clean_text` (Unicode NFC, runs of whitespace collapsed to one
 space), so a pair read back from an exported TSV is exactly the pair that was written.
-Pairs with an empty side are skipped (the Bible has a few merged verses).
+Pairs with an empty side are skipped (the Bible has a few merged verses), and in the Bible
+also verses that are placeholders, not translations (see :func:`_bible_placeholder`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import sqlite3
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -21,6 +23,8 @@ from typing import IO
 from storage.files import atomic_write
 from trainer.config import DataConfig
 from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 Pair = tuple[str, str]
 SPLITS = ("train", "val", "test")
@@ -201,10 +205,18 @@ def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
     chapter_split = _splitter(cfg.val_fraction, cfg.test_fraction)
     for book, chapter, src, tgt in rows:
         pair = (clean_text(src), clean_text(tgt))
-        if pair[0] and pair[1]:
+        if pair[0] and pair[1] and not any(map(_bible_placeholder, pair)):
             # by chapter, so that neighbouring verses never straddle two splits
             splits[chapter_split(f"{book}:{chapter}")].append(pair)
     return splits
+
+
+def _bible_placeholder(text: str) -> bool:
+    """A verse that stands in for a missing one: no letter at all ('-', '***', '(*)': 800 in
+    the Bengali translation), 'same as above' (Korean), or another Bible's text pasted in
+    ('(Missing KJV: ...', '(ADDED FROM KJV: ...')."""
+    return (not any(ch.isalpha() for ch in text) or text == "상동"
+            or text.startswith(("(Missing KJV", "(ADDED FROM KJV")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +251,7 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
     path = Path(path_text).expanduser()
     parse = _parse_tsv if cfg.source == "tsv" else _jsonl_parser(cfg.src_field, cfg.tgt_field)
     pairs = []
+    one_sided = []
     for number, line in _numbered_lines(key, path):
         if not line.strip():
             continue
@@ -249,8 +262,14 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
         pair = (clean_text(src), clean_text(tgt))
         if pair[0] and pair[1]:
             pairs.append(pair)
+        else:
+            one_sided.append(number)
     if not pairs:
         raise ConfigError(f"{key}: {path}: no sentence pairs (empty file, or empty sides only)")
+    if one_sided:
+        log.warning("%s: %s: %d line(s) with an empty side skipped (line %s%s)", key, path,
+                    len(one_sided), ", ".join(map(str, one_sided[:5])),
+                    ", ..." if len(one_sided) > 5 else "")
     return pairs
 
 

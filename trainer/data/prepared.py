@@ -125,13 +125,15 @@ def prepare(data_cfg: DataConfig) -> PreparedData:
     root = cache_root(data_cfg)
     train_texts = [src for src, _ in corpus.train] + [tgt for _, tgt in corpus.train]
     tokenizer, tok_key, trained = tok.load_or_train(train_texts, data_cfg.vocab_size, root)
-    ids_key = hashlib.sha256(f"{tok_key}\n{corpus.fingerprint}".encode()).hexdigest()
+    # "specials-as-text": '<eos>' in the corpus is encoded as text (tokens cached before were not)
+    ids_key = hashlib.sha256(
+        f"{tok_key}\n{corpus.fingerprint}\nspecials-as-text".encode()).hexdigest()
     arrays, encoded = load_or_build(
         root / f"tokens-{ids_key[:32]}.npz",
         _load_npz,
         functools.partial(_encode_corpus, tokenizer=tokenizer, corpus=corpus),
     )
-    splits = {name: _split(arrays, name, corpus, data_cfg) for name in SPLITS}
+    splits = {name: _split(arrays, name, corpus, data_cfg, tokenizer) for name in SPLITS}
     keep = np.asarray(subset_pairs(corpus.train, data_cfg.max_train_pairs), dtype=np.int64)
     data = PreparedData(
         train=splits["train"].take(keep),
@@ -195,16 +197,30 @@ def _encode_corpus(f: IO[bytes], tokenizer: Tokenizer, corpus: Corpus) -> None:
     np.savez(f, **arrays)  # type: ignore[arg-type]
 
 
+def _truncate(ragged: Ragged, max_len: int, tokenizer: Tokenizer) -> Ragged:
+    """Rows cut to ``max_len`` tokens, and back to the last whole character: a byte-level
+    token can hold part of a multi-byte character (CJK, Devanagari ...), and a target cut
+    inside one would teach the model to write broken UTF-8 before ``<eos>``."""
+    length = np.minimum(ragged.length, max_len)
+    for i in np.flatnonzero(ragged.length > max_len):
+        row = ragged.flat[ragged.start[i]: ragged.start[i] + length[i]].tolist()
+        while len(row) > 1 and tokenizer.decode(row).endswith("\ufffd"):
+            row.pop()
+        length[i] = len(row)
+    return Ragged(ragged.flat, ragged.start, length)
+
+
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
 
 
-def _split(arrays: dict[str, np.ndarray], name: str, corpus: Corpus, cfg: DataConfig) -> Split:
+def _split(arrays: dict[str, np.ndarray], name: str, corpus: Corpus, cfg: DataConfig,
+           tokenizer: Tokenizer) -> Split:
     pairs = corpus.split(name)
     sides = []
     for side, max_len in (("src", cfg.max_src_tokens), ("tgt", cfg.max_tgt_tokens)):
         ragged = Ragged.from_lengths(arrays[f"{name}_{side}_ids"], arrays[f"{name}_{side}_len"])
-        sides.append(ragged.truncate(max_len))
+        sides.append(_truncate(ragged, max_len, tokenizer))
     return Split(sides[0], sides[1], [s for s, _ in pairs], [t for _, t in pairs])
 

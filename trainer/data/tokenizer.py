@@ -52,6 +52,9 @@ def load_or_train(
     tokenizer, trained = load_or_build(
         cache_dir / f"tokenizer-{key[:32]}.json", lambda p: Tokenizer.from_file(str(p)), build
     )
+    # '<eos>' written in a corpus is text, never the control token (which would end the
+    # target there and make the reference unreachable)
+    tokenizer.encode_special_tokens = True
     return tokenizer, key, trained
 
 
