@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -76,6 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("amt-search: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. 'amt-search trials ... | head': the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:  # a file the user named: --out onto a directory, no permission ...
+        if e.filename is None:
+            raise
+        print(f"amt-search: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -235,15 +235,14 @@ def _promote(args: argparse.Namespace) -> int:
     from search.launch import detect_gpus, parse_gpus
     from search.promote import promote, run_training
 
+    gpus: list[int] = []
+    if args.run and args.gpus == "all":
+        gpus = detect_gpus()
+    elif args.run and args.gpus != "cpu":
+        gpus = parse_gpus(args.gpus)  # before writing anything
     path = promote(args.study, args.trial, args.storage, args.out)
     print(f"wrote {path}")
     if not args.run:
         print(f"train it: amt-train --config {path}")
         return 0
-    if args.gpus == "cpu":
-        gpus: list[int] = []
-    elif args.gpus == "all":
-        gpus = detect_gpus()
-    else:
-        gpus = parse_gpus(args.gpus)
     return run_training(path, gpus)

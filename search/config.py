@@ -56,7 +56,7 @@ TRUNCATION_KEYS = (
     "data.max_train_pairs",
     "train.out_dir",
 )
-_STUDY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +74,8 @@ class SamplerConfig:
     n_startup_trials: int = 10  # TPE: random trials before the model takes over
 
     def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed < 2**32:
+            raise ConfigError(f"sampler.seed must be in [0, 2**32) or null, got {self.seed}")
         if self.n_startup_trials < 0:
             raise ConfigError(
                 f"sampler.n_startup_trials must be >= 0, got {self.n_startup_trials}"
@@ -236,7 +238,7 @@ class SearchConfig:
     grace_period_s: int = 180  # a RUNNING trial without a heartbeat this long is stale
 
     def __post_init__(self) -> None:
-        if not _STUDY_NAME.match(self.name):
+        if not _STUDY_NAME.fullmatch(self.name):
             raise ConfigError(
                 f"name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
                 "(it names the study and its run directory)"

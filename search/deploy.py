@@ -110,6 +110,8 @@ def make_dashboard_server(storage: Any, host: str, port: int) -> WSGIServer:
 
     app = optuna_dashboard.wsgi(storage)
     server_class = _ThreadingWSGIServerV6 if ":" in host else _ThreadingWSGIServer
+    if not 0 <= port <= 65535:
+        raise SearchError(f"--port {port}: must be 0-65535 (0 picks a free port)")
     try:
         return make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
     except OSError as e:
@@ -240,6 +242,8 @@ def _run_compose(args: argparse.Namespace) -> int:
     base_path = Path(args.base)
     try:
         base = yaml.safe_load(base_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise SearchError(f"{base_path} is not UTF-8 text — pass --base a compose file") from None
     except OSError as e:
         raise SearchError(
             f"cannot read {base_path} ({e.strerror}) — run from the repository root or pass --base"

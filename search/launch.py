@@ -70,6 +70,13 @@ def parse_gpus(spec: str) -> list[int]:
         raise SearchError(f"--gpus {spec!r}: expected 'all' or indices like 0,1") from None
     if len(set(gpus)) != len(gpus) or min(gpus) < 0:
         raise SearchError(f"--gpus {spec!r}: indices must be distinct and >= 0")
+    found = detect_gpus()
+    missing = [g for g in gpus if g not in found]
+    if missing:
+        raise SearchError(
+            f"--gpus {spec!r}: no GPU {', '.join(map(str, missing))} on this host (found: "
+            f"{', '.join(map(str, found)) or 'none'}) — see nvidia-smi -L"
+            + ("" if found else ", or use --cpu-workers K"))
     return gpus
 
 

@@ -3,8 +3,10 @@ optionally trained right away with ``amt-train`` (``torchrun`` over several GPUs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from search.errors import SearchError
 from search.study import load_study
 from storage import mask_url, resolve_url
 from storage.checkpoints import latest_checkpoint
+from storage.files import atomic_write
 from storage.paths import state_dir
 from trainer.config import apply_overrides, config_from_dict, config_to_dict
 
@@ -80,10 +83,14 @@ def promote(
         "the truncated budget).\n# Written by 'amt-search promote': the study's recipe + the "
         "trial's parameters, no truncation.\n"
     )
+    if not path.name or path.is_dir():
+        raise SearchError(f"--out {str(out)!r}: not a file name — give a .yaml file to write")
+    if path.exists() and not path.read_text(errors="replace").startswith("# Full run of trial"):
+        raise SearchError(f"--out {path}: the file exists and was not written by "
+                          "'amt-search promote' — remove it or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(path)
+    text = header + yaml.safe_dump(raw, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
     log.info("wrote %s (run directory %s)", path, out_dir)
     return path
 
@@ -105,7 +112,23 @@ def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, s
 
 
 def run_training(config: Path, gpus: list[int]) -> int:
+    """Train ``config`` in a child process; SIGTERM / SIGHUP / SIGINT sent to this one reach
+    it too (amt-train then saves and stops), so it is never left running on its own."""
     cmd, env = train_command(config, gpus)
     where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
     log.info("training on %s: %s", where, " ".join(cmd))
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+
+    def forward(signum: int, frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signum)
+
+    try:
+        for sig in signals:
+            signal.signal(sig, forward)
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

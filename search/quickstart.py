@@ -94,7 +94,8 @@ def run_quickstart(
     out = Path(report_dir or Path("reports") / name)
     report = write_report(name, out, url)
     minutes = (time.monotonic() - started) / 60
-    storage_arg = f" --storage '{url}'" if storage_url else ""
+    # masked: the password stays in $AMT_STORAGE_URL or the user's own command line
+    storage_arg = f" --storage '{mask_url(url)}'" if storage_url else ""
     best = best_trial(study)
     trial = str(best.number) if best is not None else "<N>"
     print(

@@ -7,7 +7,9 @@ the storage URL; ``load_study`` rebuilds the sampler and pruner from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "amt_search:config"  # study system attribute holding search_config_to_dict(cfg)
+MAX_CONFIG_BYTES = 1_000_000
 
 
 def create_study(
@@ -52,27 +55,48 @@ def create_study(
         StorageError: the storage cannot be opened.
     """
     cfg = search_cfg if study_name is None else dataclasses.replace(search_cfg, name=study_name)
-    storage = _open(storage_url, cfg)
+    stored = search_config_to_dict(cfg)
     try:
-        study = optuna.create_study(
-            study_name=cfg.name,
-            storage=storage,
-            direction=cfg.direction,
-            sampler=make_sampler(cfg),
-            pruner=make_pruner(cfg),
-        )
-    except optuna.exceptions.DuplicatedStudyError:
-        if skip_if_exists:
-            log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
-            return load_study(cfg.name, storage)[0]
-        raise SearchError(
-            f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
-            "--study-name, pass --skip-if-exists to reuse it, or delete it "
-            "(optuna delete-study)"
-        ) from None
-    storage.set_study_system_attr(study._study_id, CONFIG_ATTR, search_config_to_dict(cfg))
-    for params in cfg.enqueue:
-        study.enqueue_trial(dict(params), user_attrs={"warm_start": True})
+        size = len(json.dumps(stored))  # what the database will hold
+    except (TypeError, ValueError) as e:
+        raise SearchError(f"the search config cannot be stored: {e}") from None
+    if size > MAX_CONFIG_BYTES:
+        raise SearchError(f"the search config is {size:,} bytes as JSON, more than "
+                          f"{MAX_CONFIG_BYTES:,}: keep meta and overrides small")
+    storage = _open(storage_url, cfg)
+    for attempt in range(2):
+        try:
+            study = optuna.create_study(
+                study_name=cfg.name,
+                storage=storage,
+                direction=cfg.direction,
+                sampler=make_sampler(cfg),
+                pruner=make_pruner(cfg),
+            )
+            break
+        except optuna.exceptions.DuplicatedStudyError:
+            if attempt == 0 and _half_made(storage, cfg.name):
+                log.warning("study %s was left half-made by an interrupted create-study: "
+                            "making it again", cfg.name)
+                optuna.delete_study(study_name=cfg.name, storage=storage)
+                continue
+            if skip_if_exists:
+                log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
+                return load_study(cfg.name, storage)[0]
+            raise SearchError(
+                f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
+                "--study-name, pass --skip-if-exists to reuse it, or delete it "
+                "(optuna delete-study)"
+            ) from None
+    try:
+        for params in cfg.enqueue:
+            study.enqueue_trial(dict(params), user_attrs={"warm_start": True})
+        # last: a study with its config is complete (workers and --skip-if-exists rely on it)
+        storage.set_study_system_attr(study._study_id, CONFIG_ATTR, stored)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            optuna.delete_study(study_name=cfg.name, storage=storage)
+        raise
     log.info(
         "created study %s (%s): %d parameters, %d warm starts enqueued",
         cfg.name,
@@ -81,6 +105,16 @@ def create_study(
         len(cfg.enqueue),
     )
     return study
+
+
+def _half_made(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    """The study has no stored config and no trial has started: a create-study that died
+    between creating the study and storing its config (the last thing it does)."""
+    study_id = storage.get_study_id_from_name(name)
+    if CONFIG_ATTR in storage.get_study_system_attrs(study_id):
+        return False
+    return all(t.state == optuna.trial.TrialState.WAITING
+               for t in storage.get_all_trials(study_id, deepcopy=False))
 
 
 def load_study(
@@ -100,10 +134,13 @@ def load_study(
     """
     rdb = storage if isinstance(storage, optuna.storages.BaseStorage) else open_storage(storage)
     cfg = _stored_config(rdb, name)
+    # a restarted worker (same index) must not draw the trials it drew before: the seed also
+    # counts the study's trials (a fresh study's are its warm starts, so a run is repeatable)
+    n_trials = rdb.get_n_trials(rdb.get_study_id_from_name(name))
     study = optuna.load_study(
         study_name=name,
         storage=rdb,
-        sampler=make_sampler(cfg, worker_index),
+        sampler=make_sampler(cfg, worker_index, n_trials),
         pruner=make_pruner(cfg),
     )
     return study, cfg
@@ -130,9 +167,13 @@ def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
     return search_config_from_dict(attrs[CONFIG_ATTR])
 
 
-def make_sampler(cfg: SearchConfig, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SearchConfig, worker_index: int = 0, n_trials: int = 0
+                 ) -> optuna.samplers.BaseSampler:
+    """The sampler of ``cfg``, seeded ``seed + worker_index`` (plus a multiple of the
+    ``n_trials`` the study holds beyond its warm starts)."""
     s = cfg.sampler
-    seed = None if s.seed is None else s.seed + worker_index
+    extra = max(n_trials - len(cfg.enqueue), 0) * 1_000_003
+    seed = None if s.seed is None else (s.seed + worker_index + extra) % 2**32
     if s.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     with warnings.catch_warnings():  # multivariate and constant_liar are "experimental"

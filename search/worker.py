@@ -34,6 +34,7 @@ import sqlalchemy
 from sqlalchemy import text
 
 from search.config import SearchConfig
+from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped
 from search.study import count_trials, load_study, open_worker_storage
 from trainer.errors import TrainingFailed
@@ -58,6 +59,14 @@ def run_worker(
     keeps its prepared data and CUDA context across trials.
     """
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    if gpu is not None:
+        import torch
+
+        if gpu < 0 or not torch.cuda.is_available():
+            raise SearchError(f"--gpu {gpu}: no such GPU on this host (CUDA_VISIBLE_DEVICES="
+                              f"{gpu} leaves no CUDA device) — see nvidia-smi -L, or use --cpu")
+    if worker_index is not None and worker_index < 0:
+        raise SearchError(f"--worker-index must be >= 0, got {worker_index}")
     index = worker_index if worker_index is not None else (gpu or 0)
     storage = open_worker_storage(study_name, storage_url)
     study, cfg = load_study(study_name, storage, worker_index=index)

@@ -229,8 +229,14 @@ def _read_manifest(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / MANIFEST
     try:
         entries = json.loads(path.read_text())["checkpoints"]
-        if not all({"file", "step", "size", "sha256"} <= set(e) for e in entries):
-            raise ValueError("an entry lacks file, step, size or sha256")
+        types = {"file": str, "step": int, "size": int, "sha256": str}
+        for e in entries:
+            if not isinstance(e, dict) or not types.keys() <= set(e):
+                raise ValueError("an entry lacks file, step, size or sha256")
+            bad = [k for k, t in types.items() if not isinstance(e[k], t)
+                   or isinstance(e[k], bool)]
+            if bad:
+                raise ValueError(f"an entry's {bad[0]} is {e[bad[0]]!r}")
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError) as e:

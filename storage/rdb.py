@@ -130,6 +130,12 @@ def open_storage(
             )
         except StorageError:
             raise
+        except optuna.exceptions.StorageInternalError as e:  # a commit failed while opening
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, sqlalchemy.exc.DBAPIError):
+                raise connect_error(resolved, cause) from None
+            raise StorageError(f"cannot open the study storage at {where(resolved)}: "
+                               f"{str(e).splitlines()[0]}") from None
         except RuntimeError as e:  # Optuna: the schema was made by an incompatible version
             raise _old_schema(resolved) from e
         except sqlalchemy.exc.DBAPIError as e:

@@ -113,6 +113,11 @@ def check_url(url: str) -> str:
         raise StorageError(
             f"no database name in storage URL '{shown}' — add /DATABASE, as in {URL_FORM}"
         )
+    if "@" in (parsed.host or ""):
+        raise StorageError(
+            f"bad storage URL '{shown}': more than one '@' — an '@' in the user name or "
+            "password must be written %40"
+        )
     return url
 
 

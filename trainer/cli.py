@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -72,6 +73,37 @@ def describe(cfg: TrainConfig) -> str:
     ])
 
 
+class Stopped(Exception):
+    """SIGTERM, SIGHUP or a first Ctrl-C: the run stopped after a step, checkpoint saved."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum = signum
+
+
+class _StopOnSignal:
+    """Turns SIGTERM / SIGHUP / Ctrl-C into a clean stop at the end of the running step
+    (``fit`` saves a checkpoint when a callback raises); a second Ctrl-C interrupts at once.
+    One process only: under torchrun the ranks could stop at different steps."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        logging.getLogger("trainer").warning(
+            "%s: stopping after this step (checkpoint saved)%s", signal.Signals(signum).name,
+            "; Ctrl-C again to stop now" if signum == signal.SIGINT else "")
+
+    def on_step(self, step: int) -> None:
+        if self.signum:
+            raise Stopped(self.signum, step)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -85,13 +117,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from trainer.loop import fit
 
-        result = fit(cfg, resume=args.resume)
+        callbacks = [_StopOnSignal()] if int(os.environ.get("WORLD_SIZE", "1")) == 1 else []
+        result = fit(cfg, callbacks, resume=args.resume)
     except USER_ERRORS as e:
         print(f"amt-train: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"amt-train: {e}; checkpoint saved in {cfg.train.out_dir} — continue with "
+              "--resume", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("amt-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is None:
+            raise
+        print(f"amt-train: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     if rank == 0:
         print(f"BLEU-4 {result.bleu:.2f}, val loss {result.val_loss:.4f} (best "
               f"{result.best_val_loss:.4f} at step {result.best_step}), {result.steps} steps, "

@@ -253,6 +253,8 @@ class TrainingConfig:
             raise ConfigError(f"train.max_time_s must be > 0, got {self.max_time_s}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"train.seed must be in [0, 2**32), got {self.seed}")
         if self.early_stopping_patience < 0 or self.checkpoint_every < 0:
             raise ConfigError(
                 "train.early_stopping_patience and train.checkpoint_every must be >= 0"
@@ -290,6 +292,7 @@ class TrainConfig:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _plain_data(self.meta, "meta")
         longest = self.data.max_src_tokens + self.data.max_tgt_tokens + 2
         if longest > self.model.max_len:
             raise ConfigError(
@@ -307,6 +310,21 @@ class TrainConfig:
 # loading
 
 T = TypeVar("T")
+
+
+def _plain_data(value: Any, path: str) -> None:
+    """``value`` is JSON data (it is stored with studies and in checkpoints)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(f"{path}: key {k!r} must be a string")
+            _plain_data(v, f"{path}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _plain_data(v, f"{path}[{i}]")
+    elif not (value is None or isinstance(value, (str, bool, int, float))):
+        raise ConfigError(f"{path}: a {type(value).__name__} ({value!r}) is not plain data "
+                          "(text, numbers, true/false, lists, mappings): quote it")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -462,26 +480,66 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file (an empty file is ``{}``).
+    """Parse a YAML file.
 
     Raises:
-        ConfigError: the file is missing or unreadable, or is not valid YAML (with the line
-            and column).
+        ConfigError: the file is missing, unreadable, not UTF-8, empty, or not valid YAML
+            (with the line and column; a key given twice in one mapping is invalid here).
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}) "
+                          "— save the config as UTF-8") from None
     except OSError as e:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
-        return yaml.safe_load(text) or {}
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
         raise ConfigError(f"{p}:{where}: {problem}") from None
+    if raw is None:
+        raise ConfigError(f"{p}: the config file is empty")
+    return raw
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last one
+    silently) and more than ``MAX_ALIASES`` aliases (a 1 kB "billion laughs" file expands to
+    gigabytes once written out)."""
+
+    MAX_ALIASES = 100
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            self._aliases = getattr(self, "_aliases", 0) + 1
+            if self._aliases > self.MAX_ALIASES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"more than {self.MAX_ALIASES} aliases (*name)",
+                    self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable: SafeLoader reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

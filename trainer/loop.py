@@ -152,6 +152,11 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
             dist.destroy_process_group()
 
 
+# data keys that decide the corpus and its vocabulary: a resumed run must keep them
+_CORPUS_KEYS = ("source", "bible_src", "bible_tgt", "path", "train_path", "src_field",
+                "tgt_field", "vocab_size")
+
+
 def uses_fused_attention(cfg: TrainConfig) -> bool:
     """Whether ``train.attention`` asks for the fused kernels (where they can run: see
     ``attention.available``); "auto": not for compiled training at micro-batches under
@@ -776,6 +781,23 @@ class Run:
         """Load the model (and EMA) weights of checkpoint ``path`` after checking that its model
         section is this run's; returns the whole checkpoint state."""
         state = load_checkpoint(path)
+        if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
+            raise CheckpointError(f"checkpoint {path} is not an amt-train checkpoint (no config "
+                                  "in it) — resume from another run directory")
+        saved_data = state["config"].get("data", {})
+        data_now = config_to_dict(self.cfg.data)
+        for k in _CORPUS_KEYS:
+            if k in saved_data and saved_data[k] != data_now[k]:
+                raise ConfigError(
+                    f"data.{k} is {data_now[k]!r} but the checkpoint {path} being resumed was "
+                    f"trained with {saved_data[k]!r} (another corpus or vocabulary); resume with "
+                    f"--set data.{k}={saved_data[k]} or start a new run (another --out-dir)")
+        vocab = state["model"].get("wte.weight")
+        if vocab is not None and vocab.shape[0] != self.data.vocab_size:
+            raise ConfigError(
+                f"the checkpoint {path} has a vocabulary of {vocab.shape[0]} tokens, this run's "
+                f"corpus gives {self.data.vocab_size}: the corpus changed since it was saved — "
+                "start a new run (another --out-dir)")
         ours = config_to_dict(self.cfg.model)
         saved_model = state["config"]["model"]
         if "rope_pairs" not in saved_model:  # saved before the key: RoPE was interleaved
@@ -797,7 +819,13 @@ class Run:
 
     def _load(self, path: Path) -> None:
         state = self.load_weights(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as e:  # e.g. optim.layer_lr_decay 1.0 makes one group, not L + 2
+            raise ConfigError(
+                f"the optimiser state in {path} does not fit this run's optim settings ({e}); "
+                "resume with the optim section the checkpoint was saved with, or start a new "
+                "run") from None
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         if self.rank == 0:

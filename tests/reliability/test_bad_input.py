@@ -138,6 +138,23 @@ CASES = [
          "empty.yaml", (("empty.yaml", ""),)),
     Case("base config missing", ("amt-search", "create-study", "--config", "s.yaml"),
          "no-such-train.yaml", (("s.yaml", _search(base_config="no-such-train.yaml")),)),
+    Case("config not UTF-8", ("amt-search", "create-study", "--config", "latin1.yaml"),
+         "latin1.yaml: line 2: not UTF-8", (("latin1.yaml", "n_trials: 4\nname: caf\xe9\n".encode(
+             "latin-1")),)),
+    Case("key given twice", ("amt-search", "create-study", "--config", "twice.yaml"),
+         "duplicate key 'n_trials'", (("twice.yaml", "n_trials: 10\nn_trials: 3\n"),)),
+    Case("YAML alias bomb", ("amt-search", "create-study", "--config", "bomb.yaml"),
+         "more than 100 aliases", (("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n"
+                                   + "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
+                                             for p, c in zip("abcdefghijklm", "bcdefghijklmn"))),)),
+    Case("meta not plain data", ("amt-search", "create-study", "--config", "s.yaml"),
+         "meta.when", (("s.yaml", "base_config: train.yaml\n" + yaml.safe_dump(
+             {k: v for k, v in tiny_search().items() if k != "base_config"})
+             + "overrides:\n  meta.when: 2024-01-01\n"),)),
+    Case("sampler seed out of range", ("amt-search", "create-study", "--config", "s.yaml"),
+         "sampler.seed", (("s.yaml", _search(sampler={"seed": -1})),)),
+    Case("study name ending in a newline", ("amt-search", "create-study", "--config",
+                                            "search.yaml", "--study-name", "nl\n"), "'nl\\n'"),
     Case("bad study name", ("amt-search", "create-study", "--config", "search.yaml",
                             "--study-name", "bad name!"), "bad name!"),
     Case("study exists", ("amt-search", "create-study", "--config", "search.yaml"),
@@ -165,6 +182,8 @@ CASES = [
                           "postgresql://amt_nobody@127.0.0.1:5432/postgres"), "amt_nobody"),
     Case("wrong password", ("amt-search", "status", "--study", "tiny", "--storage",
                             "{pw_url}"), "wrong password"),
+    Case("'@' in the password", ("amt-search", "status", "--study", "tiny", "--storage",
+                                 "postgresql://postgres:wrong-Pw@456@127.0.0.1:5432/db"), "%40"),
     # --- studies and trials
     Case("unknown study: status", ("amt-search", "status", "--study", "nope"), "'nope'"),
     Case("unknown study: worker", ("amt-search", "worker", "--study", "nope", "--cpu"),
@@ -185,6 +204,12 @@ CASES = [
          "--cpu-workers"),
     Case("bad GPU list", ("amt-search", "launch", "--study", "tiny", "--gpus", "x,y"),
          "--gpus"),
+    Case("GPU not on this host: worker", ("amt-search", "worker", "--study", "tiny", "--gpu",
+                                          "0"), "--gpu 0"),
+    Case("GPU not on this host: launch", ("amt-search", "launch", "--study", "tiny", "--gpus",
+                                          "0,1"), "no GPU 0, 1"),
+    Case("dashboard port out of range", ("amt-search", "dashboard", "--port", "70000"),
+         "--port 70000"),
     Case("unknown format", ("amt-search", "trials", "--study", "tiny", "--format", "xml"), "xml"),
     Case("trial not a number", ("amt-search", "promote", "--study", "tiny", "--trial", "ten"),
          "ten"),
@@ -208,6 +233,13 @@ CASES = [
                                 "train.max_steps=-1"), "train.max_steps"),
     Case("override unknown key", ("amt-train", "--config", "train.yaml", "--set",
                                   "optim.lrr=0.1"), "optim.lrr"),
+    Case("seed out of range", ("amt-train", "--config", "train.yaml", "--set",
+                               "train.seed=-1"), "train.seed"),
+    Case("train config empty", ("amt-train", "--config", "empty.yaml"), "empty.yaml: the "
+         "config file is empty", (("empty.yaml", "\n# nothing\n"),)),
+    Case("data path without a file source", ("amt-train", "--config", "t.yaml"),
+         "data.path is set but data.source is 'bible'",
+         (("t.yaml", _train("data", source="bible", path="data/corpus.tsv")),)),
     Case("data file missing", ("amt-train", "--config", "t.yaml"), "missing.tsv",
          (("t.yaml", _train("data", path="missing.tsv", cache_dir="cache")),)),
     Case("data file empty", ("amt-train", "--config", "t.yaml"), "empty.tsv",
@@ -228,6 +260,9 @@ CASES = [
                                          "run-missing", "--resume"), "missing"),
     Case("checkpoints but no --resume", ("amt-train", "--config", "train.yaml", "--out-dir",
                                          "run-good"), "--resume"),
+    Case("resume: manifest entry of the wrong type", ("amt-train", "--config", "train.yaml",
+                                                      "--out-dir", "run-types", "--resume"),
+         "step is 'abc'"),
     # --- python -m trainer.data
     Case("data: unknown command", ("amt-data", "bogus"), "bogus"),
     Case("data: export without --out", ("amt-data", "export", "--config", "train.yaml"),
@@ -260,7 +295,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train["data"].update(path="data/corpus.tsv", cache_dir="data/cache")
     (root / "train.yaml").write_text(yaml.safe_dump(train))
     (root / "search.yaml").write_text(yaml.safe_dump(tiny_search()))
-    for name in ("good", "tampered", "truncated", "manifest", "missing"):
+    for name in ("good", "tampered", "truncated", "manifest", "missing", "types"):
         run = root / f"run-{name}"
         for step in (4, 8):
             path = save_checkpoint(run, step, {"step": torch.tensor(step)})
@@ -273,6 +308,9 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 path.unlink()
         if name == "manifest":
             (run / MANIFEST).write_text("{not json")
+        if name == "types":
+            (run / MANIFEST).write_text((run / MANIFEST).read_text().replace('"step": 8',
+                                                                            '"step": "abc"'))
     (root / "home").mkdir()
     return root
 
@@ -363,6 +401,9 @@ def _run(case: Case, base: Path, url: str, password_url: str) -> Result:
         for rel, content in case.files:
             if isinstance(content, TrainPatch):
                 content = content.apply(train)
+            if isinstance(content, bytes):
+                (work / rel).write_bytes(content)
+                continue
             text = content if isinstance(content, str) else yaml.safe_dump(content)
             (work / rel).write_text(text)
         rows_before, tree_before = _row_counts(url), _tree(work)

@@ -24,6 +24,7 @@ from search.errors import SearchError
 from search.promote import promote
 from search.study import CONFIG_ATTR, count_trials, create_study, load_study
 from search.worker import run_worker
+from storage import open_storage
 from storage.checkpoints import latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config
 from trainer.errors import TrainingFailed
@@ -50,6 +51,37 @@ def test_create_study_stores_config_and_enqueues_report_trials_first(
     assert len(load_study("tiny")[0].trials) == 3  # nothing enqueued twice
     assert main(["create-study", "--config", str(write_search()), "--study-name", "t2"]) == 0
     assert load_study("t2")[1].name == "t2"
+
+
+def test_create_study_is_all_or_nothing(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = load_search_config(write_search())
+    storage = open_storage()
+    # a create-study killed after creating the study, before storing its config
+    optuna.create_study(study_name="tiny", storage=storage)
+    with pytest.raises(SearchError, match="has no amt-search config"):
+        load_study("tiny")
+    create_study(cfg, skip_if_exists=True)  # completes it instead of failing forever
+    assert len(load_study("tiny")[0].trials) == 3
+    # a failure while enqueueing leaves no study behind
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("connection lost")
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", broken)
+    with pytest.raises(RuntimeError, match="connection lost"):
+        create_study(cfg, study_name="t3")
+    assert "t3" not in [s.study_name for s in optuna.get_all_study_summaries(storage)]
+
+
+def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
+    create_study(load_search_config(write_search()))
+    study, _ = load_study("tiny", worker_index=0)
+    first = study.sampler._rng.rng.random()  # type: ignore[attr-defined]
+    assert load_study("tiny", worker_index=0)[0].sampler._rng.rng.random() == first  # type: ignore[attr-defined]
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=1.0))
+    again = load_study("tiny", worker_index=0)[0].sampler._rng.rng.random()  # type: ignore[attr-defined]
+    assert again != first
 
 
 def test_unknown_study_lists_the_existing_ones(write_search: Callable[..., Path]) -> None:
