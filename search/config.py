@@ -316,10 +316,29 @@ def load_search_config(path: str | Path) -> SearchConfig:
         raise ConfigError(f"{p}: base_config: {e}") from None
     if not isinstance(base_raw, dict):
         raise ConfigError(f"{base_path}: the top level must be a mapping")
+    # relative corpus paths mean the directory create-study runs in (as for amt-train); stored
+    # absolute, so that workers started anywhere on the host find the same files
+    if isinstance(base_raw.get("data"), dict):
+        base_raw = {**base_raw, "data": _absolute_paths(base_raw["data"], "")}
+    if isinstance(raw.get("overrides"), dict):
+        raw = {**raw, "overrides": _absolute_paths(raw["overrides"], "data.")}
     try:
         return search_config_from_dict({**raw, "base_train": base_raw})
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
+
+
+_PATH_KEYS = ("path", "train_path", "val_path", "test_path", "cache_dir")
+
+
+def _absolute_paths(section: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``section`` with its relative corpus paths (``prefix + key``) made absolute."""
+    out = dict(section)
+    for key in _PATH_KEYS:
+        value = out.get(prefix + key)
+        if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            out[prefix + key] = str(Path(value).absolute())
+    return out
 
 
 def search_config_from_dict(raw: Any) -> SearchConfig:

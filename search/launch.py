@@ -159,6 +159,10 @@ def launch(
     failed = [w for w in workers if w.proc.returncode != 0]
     for w in failed:
         log.error("worker %s exited with status %s", w.name, w.proc.returncode)
+    if signals["count"]:  # stopped, not finished: scripts must be able to tell
+        log.info("stopped: the running trials saved and wait to resume — continue with "
+                 "'amt-search launch --study %s' (same --gpus / --cpu-workers)", study_name)
+        return 130
     return 1 if failed else 0
 
 

@@ -231,6 +231,8 @@ class Objective:
             source = run_dir(trial.study.study_name, number)
             if source.exists() and latest_checkpoint(source) is not None:
                 shutil.copytree(source, out_dir)
+                for older in history:  # superseded by the copy: GBs per attempt at full size
+                    _drop_checkpoints(run_dir(trial.study.study_name, older))
                 trial.set_user_attr("resumed_from", number)
                 # the evals before the checkpoint, so the trial's BLEU-4 curve is whole
                 for m in _read_metrics(out_dir):

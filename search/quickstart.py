@@ -98,6 +98,12 @@ def run_quickstart(
     storage_arg = f" --storage '{mask_url(url)}'" if storage_url else ""
     best = best_trial(study)
     trial = str(best.number) if best is not None else "<N>"
+    if status == 130:
+        print(f"\n[quickstart] stopped after {minutes:.1f} min; the running trials saved and "
+              f"wait. Continue with: amt-search launch --study {name} "
+              + (f"--gpus {','.join(map(str, gpus))}" if gpus else f"--cpu-workers {cpu_workers}")
+              + storage_arg)
+        return status
     print(
         f"\n[quickstart] done in {minutes:.1f} min; figures and summary: {report}\n"
         f"next:\n"

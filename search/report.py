@@ -41,7 +41,6 @@ from search.leaderboard import best_trial, trial_row
 from search.study import count_trials, load_study
 from storage import mask_url, resolve_url
 from storage.paths import state_dir
-from trainer.data import describe_corpus
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn: every other amt-search
@@ -180,6 +179,8 @@ def summary_markdown(
         f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting; "
         "a retried trial counts once)",
     ]
+    from trainer.data.corpus import describe_corpus  # (imports torch: not at start-up)
+
     try:
         lines.append(f"- corpus: {describe_corpus(trial_train_config(cfg, {}, out_dir='.').data)}")
     except ConfigError:

@@ -17,7 +17,12 @@ from typing import Any
 
 import optuna
 
-from search.config import SearchConfig, search_config_from_dict, search_config_to_dict
+from search.config import (
+    SearchConfig,
+    search_config_from_dict,
+    search_config_to_dict,
+    trial_train_config,
+)
 from search.errors import SearchError
 from storage import mask_url, open_storage
 
@@ -55,6 +60,9 @@ def create_study(
         StorageError: the storage cannot be opened.
     """
     cfg = search_cfg if study_name is None else dataclasses.replace(search_cfg, name=study_name)
+    from trainer.data.corpus import check_corpus  # (imports torch: not for every command)
+
+    check_corpus(trial_train_config(cfg, {}, out_dir=".").data)  # not in the first trial
     stored = search_config_to_dict(cfg)
     try:
         size = len(json.dumps(stored))  # what the database will hold

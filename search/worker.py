@@ -37,7 +37,8 @@ from search.config import SearchConfig
 from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped
 from search.study import count_trials, load_study, open_worker_storage
-from trainer.errors import TrainingFailed
+from storage.errors import CheckpointError, StorageError
+from trainer.errors import ConfigError, TrainingFailed
 
 __all__ = ["next_action", "run_worker"]
 
@@ -166,6 +167,11 @@ def next_action(study: optuna.Study, cfg: SearchConfig) -> str:
         starts = [t.datetime_start for t in trials if t.datetime_start is not None]
         if starts and _elapsed_s(min(starts)) >= cfg.timeout_s:
             log.info("study timeout (%.0f s since its first trial) reached", cfg.timeout_s)
+            if counts.waiting:
+                log.warning(
+                    "%d trial(s) wait to run (retries of stopped trials, warm starts) and will "
+                    "not start: the study's timeout_s (%.0f s) has passed since its first trial",
+                    counts.waiting, cfg.timeout_s)
             return "done"
     if counts.waiting:
         return "run"
@@ -256,8 +262,9 @@ class _ExpectedFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, (DiskFull, TrainingFailed, TrialLost, WorkerStopped)):
-            return False
+        if isinstance(exc, (DiskFull, TrainingFailed, TrialLost, WorkerStopped, ConfigError,
+                            CheckpointError, StorageError, SearchError)):
+            return False  # ours, or a user error the command line prints as one line
         return "failed with value None" not in record.getMessage()
 
 

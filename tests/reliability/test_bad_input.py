@@ -132,6 +132,11 @@ CASES = [
          "enqueue[0].optim.lr", (("s.yaml", _search(enqueue=[{LR: 0.5}])),)),
     Case("grace period too short", ("amt-search", "create-study", "--config", "s.yaml"),
          "grace_period_s", (("s.yaml", _search(heartbeat_interval_s=10, grace_period_s=12)),)),
+    Case("corpus file missing", ("amt-search", "create-study", "--config", "search.yaml"),
+         "data.path: ", (("train.yaml", _train("data", path="data/gone.tsv")),)),
+    Case("unknown Bible translation", ("amt-search", "create-study", "--config", "search.yaml"),
+         "data.bible_tgt: unknown Bible translation 'zz'",
+         (("train.yaml", _train("data", source="bible", path=None, bible_tgt="zz")),)),
     Case("config file missing", ("amt-search", "create-study", "--config", "nope.yaml"),
          "nope.yaml"),
     Case("config file empty", ("amt-search", "create-study", "--config", "empty.yaml"),
@@ -144,9 +149,9 @@ CASES = [
     Case("key given twice", ("amt-search", "create-study", "--config", "twice.yaml"),
          "duplicate key 'n_trials'", (("twice.yaml", "n_trials: 10\nn_trials: 3\n"),)),
     Case("YAML alias bomb", ("amt-search", "create-study", "--config", "bomb.yaml"),
-         "more than 100 aliases", (("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n"
-                                   + "".join(f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
-                                             for p, c in zip("abcdefghijklm", "bcdefghijklmn"))),)),
+         "more than 100 aliases", (("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+             f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
+             for p, c in zip("abcdefghijklm", "bcdefghijklmn", strict=True))),)),
     Case("meta not plain data", ("amt-search", "create-study", "--config", "s.yaml"),
          "meta.when", (("s.yaml", "base_config: train.yaml\n" + yaml.safe_dump(
              {k: v for k, v in tiny_search().items() if k != "base_config"})

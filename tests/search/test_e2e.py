@@ -97,7 +97,7 @@ def test_ctrl_c_saves_and_requeues_then_trials_resume(write_search: Callable[...
         time.sleep(0.3)
     launch.send_signal(signal.SIGINT)
     out, _ = launch.communicate(timeout=120)
-    assert launch.returncode == 0, out[-3000:]
+    assert launch.returncode == 130, out[-3000:]  # stopped, not finished
     trials = study.get_trials(deepcopy=False)
     stopped = [t for t in trials if t.user_attrs.get("fail_reason") == "stopped"]
     assert [t.state for t in stopped] == [TrialState.FAIL] * len(stopped) and stopped

