@@ -136,6 +136,19 @@ def test_resume_names_a_model_key_that_differs_and_reads_old_checkpoints(
     assert fit(cfg, resume=True).steps == cfg.train.max_steps
 
 
+def test_resume_refuses_another_corpus_or_optimiser_layout(task: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(task, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [StopAt(4)])
+    other = tiny_config(task, tmp_path / "run", **{"data.vocab_size": 280})
+    with pytest.raises(ConfigError, match=r"data.vocab_size is 280 but the checkpoint .* was "
+                       r"trained with 300 .*--set data.vocab_size=300"):
+        fit(other, resume=True)
+    flat = tiny_config(task, tmp_path / "run", **{"optim.layer_lr_decay": 1.0})
+    with pytest.raises(ConfigError, match="optimiser state .* does not fit this run's optim"):
+        fit(flat, resume=True)
+
+
 def test_a_callback_can_stop_without_a_checkpoint(task: Path, tmp_path: Path) -> None:
     class Pruned(Exception):
         checkpoint = False
@@ -278,3 +291,15 @@ def test_unpadded_batches_keep_every_real_token_and_target(tmp_path: Path) -> No
         assert (real != data.pad_id).all()
         assert (tokens.flatten()[~torch.isin(torch.arange(tokens.numel()), p)]
                 == data.pad_id).all()
+
+
+def test_decoding_cap_fits_the_corpus_targets() -> None:
+    from trainer.data import Example, Split
+    from trainer.loop import decode_ratio
+
+    def split(src_len: int, tgt_len: int) -> Split:
+        return Split.from_examples([Example([1] * src_len, [2] * tgt_len, "s", "t")] * 10)
+
+    assert decode_ratio(2.0, split(20, 30)) == 2.0  # 31 <= 2 * 20 + 10: the setting stands
+    assert decode_ratio(2.0, split(20, 80)) == pytest.approx(71 / 20)  # e.g. English -> Bengali
+    assert decode_ratio(0.0, split(20, 80)) == 0.0  # no ratio cap asked for
