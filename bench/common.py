@@ -323,9 +323,14 @@ def run_study_worker(name: str, url: str, gpu: int | None, n_trials: int) -> Non
     means it was stopped, so the benchmark stops too."""
     import optuna
 
+    from search.objective import OWNER_FILE
     from search.study import count_trials
     from search.worker import run_worker
+    from storage.paths import state_dir
 
+    # the benchmark's scratch databases are new each run, its study names are not: runs of an
+    # earlier run (a reused --work-dir) are the benchmark's own leftovers, not another study's
+    (state_dir() / "runs" / name / OWNER_FILE).unlink(missing_ok=True)
     run_worker(name, gpu=gpu, storage_url=url)
     trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
     if count_trials(trials).finished < n_trials:

@@ -129,6 +129,9 @@ def _run_worker_loop(url: str, study_name: str, index: int, n_trials: int, barri
                 ends.append(time.perf_counter())
 
     search.worker.Objective = TrivialObjective  # type: ignore[misc,assignment]
+    # no run directories (the trivial objective writes none), and every round reuses the study
+    # name on a fresh database: nothing to claim
+    search.worker.claim_run_dirs = lambda *args: None  # type: ignore[assignment]
     search.worker.run_worker(study_name, gpu=None, storage_url=url, n_trials=n_trials,
                              worker_index=index)
     t0 = started[0]

@@ -41,6 +41,7 @@ from search.config import ParamSpec, SearchConfig, trial_train_config
 from search.errors import SearchError
 from storage.checkpoints import keep_newest, latest_checkpoint
 from storage.errors import os_error_in
+from storage.files import atomic_write
 from storage.paths import state_dir
 from trainer.config import TrainConfig
 from trainer.errors import TrainingFailed
@@ -64,6 +65,35 @@ class TrialLost(Exception):
 
 def run_dir(study_name: str, trial_number: int) -> Path:
     return state_dir() / "runs" / study_name / f"trial-{trial_number}"
+
+
+OWNER_FILE = ".study"  # in runs/<study>/: which storage and study the trial directories are of
+
+
+def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
+    """Mark ``runs/<study_name>`` as this study's (``storage_where`` names its database), or
+    refuse when it holds the runs of a study of the same name in another database: a trial
+    of this one would delete that study's checkpoint of the same number.
+
+    Raises:
+        SearchError: the directory belongs to a study in another storage.
+    """
+    root = state_dir() / "runs" / study_name
+    marker = root / OWNER_FILE
+    owner = {"storage": storage_where, "study_id": study_id}
+    try:
+        previous = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if isinstance(previous, dict) and previous.get("storage") not in (None, storage_where):
+        raise SearchError(
+            f"{root} holds the trial runs of study '{study_name}' in another storage "
+            f"({previous['storage']}): this study's trials would overwrite them — give it "
+            "another name (create-study --study-name), or set AMT_HOME to another directory")
+    if previous != owner:  # new, or an earlier study of this name in this storage (deleted)
+        root.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(owner) + "\n"
+        atomic_write(marker, lambda f: f.write(text.encode()))  # workers claim it at once
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:

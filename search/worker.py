@@ -35,9 +35,10 @@ from sqlalchemy import text
 
 from search.config import SearchConfig
 from search.errors import SearchError
-from search.objective import DiskFull, Objective, TrialLost, WorkerStopped
+from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, claim_run_dirs
 from search.study import count_trials, load_study, open_worker_storage
 from storage.errors import CheckpointError, StorageError
+from storage.urls import where as storage_where
 from trainer.errors import ConfigError, TrainingFailed
 
 __all__ = ["next_action", "run_worker"]
@@ -74,6 +75,7 @@ def run_worker(
     stop = threading.Event()
     _handle_signals(stop)
     _quiet_optuna()
+    claim_run_dirs(study_name, storage_where(storage.url), study._study_id)
     objective = Objective(cfg, stop, device="cpu" if gpu is None else "cuda")
     lock = StartLock(storage, study_name)
     objective.on_trial_start.append(lambda trial: lock.release())

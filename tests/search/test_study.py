@@ -290,3 +290,12 @@ def test_pruning_callback_never_prunes_at_the_budgets_last_eval() -> None:
         callback.on_eval(70, metrics)
     callback.on_eval(80, metrics)  # the last eval: reported, not pruned
     assert study.trials[0].intermediate_values == {7: 12.0, 8: 12.0}
+
+
+def test_run_dirs_of_a_study_in_another_storage_are_refused() -> None:
+    from search.objective import claim_run_dirs
+
+    claim_run_dirs("tiny", "127.0.0.1:5432/a", 1)
+    claim_run_dirs("tiny", "127.0.0.1:5432/a", 2)  # deleted and made again in the same database
+    with pytest.raises(SearchError, match=r"study 'tiny' in another storage \(127.0.0.1:5432/a\)"):
+        claim_run_dirs("tiny", "127.0.0.1:5432/b", 1)
