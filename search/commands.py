@@ -135,6 +135,10 @@ def _worker(args: argparse.Namespace) -> int:
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.cpu else str(args.gpu)
     from search.worker import run_worker
 
+    if args.n_trials is not None and args.n_trials < 1:
+        from search.errors import SearchError
+
+        raise SearchError(f"--n-trials must be >= 1, got {args.n_trials}")
     index = args.worker_index
     if index is None and os.environ.get("AMT_WORKER_INDEX", "").isdigit():
         index = int(os.environ["AMT_WORKER_INDEX"])

@@ -249,10 +249,13 @@ class SearchConfig:
             raise ConfigError(f"n_trials must be > 0, got {self.n_trials}")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
-        if self.heartbeat_interval_s < 1:
+        if not 1 <= self.heartbeat_interval_s <= 3600:
             raise ConfigError(
-                f"heartbeat_interval_s must be >= 1, got {self.heartbeat_interval_s}"
+                f"heartbeat_interval_s must be 1-3600, got {self.heartbeat_interval_s}"
             )
+        if self.grace_period_s > 7 * 86400:
+            raise ConfigError(f"grace_period_s must be at most 7 days (604800), got "
+                              f"{self.grace_period_s}")
         if self.grace_period_s < self.heartbeat_interval_s + 5:
             raise ConfigError(
                 f"grace_period_s={self.grace_period_s} must be at least heartbeat_interval_s + 5 "
@@ -469,6 +472,11 @@ def _parse_param(name: str, raw: Any) -> ParamSpec:
         raise ConfigError(f"{path}.step must be > 0, got {step}")
     if log and step is not None and not (kind == "int" and step == 1):
         raise ConfigError(f"{path}: step and log cannot be combined")
+    if step is not None and not log:
+        k = (high - low) / step
+        if abs(k - round(k)) > 1e-9 * max(1.0, abs(k)):
+            raise ConfigError(f"{path}: step {step} does not divide high - low = "
+                              f"{high - low:g} (Optuna would quietly lower high)")
     if kind == "int" and step is None:
         step = 1
     return ParamSpec(name=name, type=kind, low=low, high=high, step=step, log=log)

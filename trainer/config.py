@@ -60,7 +60,12 @@ class ModelConfig:
     grad_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "n_layers", "d_model", "n_heads", "d_ff", "max_len")
+        _positive(self, "n_layers", "d_model", "n_heads", "d_ff", "max_len", "rope_base")
+        # far beyond any model this trains, short of sizes that overflow or hang on allocation
+        for key, most in (("n_layers", 1024), ("d_model", 65536), ("d_ff", 1 << 20),
+                          ("max_len", 1 << 20)):
+            if getattr(self, key) > most:
+                raise ConfigError(f"model.{key} must be at most {most}, got {getattr(self, key)}")
         if self.d_model % self.n_heads:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"

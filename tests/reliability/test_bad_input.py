@@ -117,6 +117,12 @@ CASES = [
     Case("log scale with low < 0", ("amt-search", "create-study", "--config", "s.yaml"),
          "low=-0.001", (("s.yaml", _space(**{LR: {"type": "float", "low": -1e-3,
                                                    "high": 0.01, "log": True}})),)),
+    Case("step does not divide the range", ("amt-search", "create-study", "--config", "s.yaml"),
+         "space.model.n_layers: step 2", (("s.yaml", _space(**{
+             "model.n_layers": {"type": "int", "low": 1, "high": 4, "step": 2}})),)),
+    Case("heartbeat beyond an hour", ("amt-search", "create-study", "--config", "s.yaml"),
+         "heartbeat_interval_s", (("s.yaml", _search(heartbeat_interval_s=10**15,
+                                                     grace_period_s=10**15 + 10)),)),
     Case("empty choices", ("amt-search", "create-study", "--config", "s.yaml"),
          "space.model.d_model.choices", (("s.yaml", _space(**{
              "model.d_model": {"type": "categorical", "choices": []}})),)),
@@ -238,6 +244,11 @@ CASES = [
                                 "train.max_steps=-1"), "train.max_steps"),
     Case("override unknown key", ("amt-train", "--config", "train.yaml", "--set",
                                   "optim.lrr=0.1"), "optim.lrr"),
+    Case("model too large to allocate", ("amt-train", "--config", "train.yaml", "--describe",
+                                         "--set", "model.d_model=1099511627776"),
+         "model.d_model"),
+    Case("worker for no trials", ("amt-search", "worker", "--study", "tiny", "--cpu",
+                                  "--n-trials", "0"), "--n-trials"),
     Case("seed out of range", ("amt-train", "--config", "train.yaml", "--set",
                                "train.seed=-1"), "train.seed"),
     Case("train config empty", ("amt-train", "--config", "empty.yaml"), "empty.yaml: the "
