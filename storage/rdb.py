@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import random
 import threading
 import time
@@ -50,7 +51,7 @@ from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
 from storage.errors import StorageError
-from storage.urls import connect_error, mask_url, resolve_url, where
+from storage.urls import ENV_VAR, connect_error, mask_url, resolve_url, where
 
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -119,7 +120,7 @@ def open_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return ResilientRDBStorage(
+            storage = ResilientRDBStorage(
                 resolved,
                 engine_kwargs=engine_kwargs,
                 skip_table_creation=True,
@@ -128,6 +129,11 @@ def open_storage(
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 retry_for_s=retry_for_s,
             )
+            if url is None and not os.environ.get(ENV_VAR):  # the embedded server
+                from storage import embedded
+
+                storage.restart = embedded.ensure_server
+            return storage
         except StorageError:
             raise
         except optuna.exceptions.StorageInternalError as e:  # a commit failed while opening
@@ -263,7 +269,27 @@ class ResilientRDBStorage(RDBStorage):
 
     def __init__(self, url: str, *, retry_for_s: float = 600.0, **kwargs: Any) -> None:
         self.retry_for_s = retry_for_s
+        # the embedded server's starter: called while the server is gone (killed, stopped)
+        self.restart: Callable[[], object] | None = None
+        self._restarted_at = 0.0
         super().__init__(url, **kwargs)
+
+    def _maybe_restart(self, error: BaseException) -> None:
+        """Start the embedded server again (at most every 10 s) when it no longer answers."""
+        gone = ("connection refused", "no such file or directory")
+        text, seen = "", error
+        while seen is not None:  # Optuna wraps the driver's error
+            text += str(seen).lower()
+            seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        if (self.restart is None or time.monotonic() - self._restarted_at < 10.0
+                or not any(g in text for g in gone)):
+            return
+        self._restarted_at = time.monotonic()
+        _log.warning("the embedded PostgreSQL is not running: starting it again")
+        try:
+            self.restart()
+        except Exception as e:  # e.g. its data directory is gone: the retries go on
+            _log.warning("could not start the embedded PostgreSQL: %s", _first_line(e))
 
     def _with_retries(self, attempt: Callable[[int], _T]) -> _T:
         """Run ``attempt(n)`` (n = 0, 1, ...) until it succeeds, retrying transient errors with
@@ -287,6 +313,7 @@ class ResilientRDBStorage(RDBStorage):
                             f"the study database at {where(self.url)} has been unavailable "
                             f"for {self.retry_for_s:.0f} s — check that PostgreSQL is running"
                         ) from e
+                    self._maybe_restart(e)
                     if n == 0:
                         _log.warning(
                             "database unavailable (%s); retrying for up to %.0f s",

@@ -86,6 +86,20 @@ def test_restarts_after_the_server_was_killed(embedded_home: Path) -> None:
     conn.close()
 
 
+def test_its_storage_starts_it_again_after_it_was_killed(
+    embedded_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AMT_STORAGE_URL", raising=False)
+    storage = open_storage()  # the embedded server: the storage may start it again
+    optuna.create_study(storage=storage, study_name="killed")
+    pid = embedded.status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    psutil.Process(pid).wait(timeout=10)
+    started = time.monotonic()
+    assert [s.study_name for s in storage.get_all_studies()] == ["killed"]
+    assert embedded.status()["pid"] != pid and time.monotonic() - started < 30
+
+
 def test_eight_processes_twenty_trials_each(embedded_home: Path) -> None:
     url = resolve_url()
     started = time.monotonic()
