@@ -779,6 +779,8 @@ def _trial_list(text: str) -> list[int]:
 
 
 def _report(args: argparse.Namespace) -> int:
+    if not str(args.out).strip():
+        raise SearchError("--out is empty: give the directory for the figures and REPORT.md")
     path = write_report(args.study, args.out, args.storage, args.trials, args.run)
     print(f"wrote {path}")
     return 0

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace) -> TrainConfig:
     overrides = dict(parse_override(o) for o in args.overrides)
+    if args.out_dir is not None and not args.out_dir.strip():
+        raise ConfigError("--out-dir is empty: give the run directory")
     if args.out_dir:
         overrides["train.out_dir"] = args.out_dir
     return load_config(args.config, overrides)

@@ -121,7 +121,8 @@ class DataConfig:
                 f"data.path (or data.train_path) is required for source '{self.source}'"
             )
         if self.source == "bible" and self.bible_src == self.bible_tgt:
-            raise ConfigError("data.bible_src and data.bible_tgt name the same translation")
+            raise ConfigError(f"data.bible_src and data.bible_tgt both name translation "
+                              f"'{self.bible_src}' (--src and --tgt default to 4 and 5): pick two")
 
 
 @dataclass(frozen=True, kw_only=True)
