@@ -152,6 +152,9 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
             dist.destroy_process_group()
 
 
+_LOGGED: set[tuple[str, str]] = set()  # BLEU tokenisations already logged by this process
+
+
 def decode_ratio(ratio: float, train: Split) -> float:
     """``train.eval_max_new_ratio``, raised to what 99 % of the training pairs need
     (``target + <eos> <= ratio * source + 10`` tokens): targets run 3x their source in
@@ -377,7 +380,8 @@ class Run:
                      self.max_new_ratio, cfg.train.eval_max_new_ratio)
         self.bleu_tokenize = metrics.resolve_tokenize(
             cfg.eval.bleu_tokenize, (ex.tgt_text for ex in self.data.val))
-        if self.rank == 0:
+        if self.rank == 0 and (cfg.eval.bleu_tokenize, self.bleu_tokenize) not in _LOGGED:
+            _LOGGED.add((cfg.eval.bleu_tokenize, self.bleu_tokenize))  # once per worker
             log.info("BLEU-4 tokenisation: %s%s", self.bleu_tokenize,
                      " (auto, from the validation references)"
                      if cfg.eval.bleu_tokenize == "auto" else "")
