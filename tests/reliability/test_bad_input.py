@@ -15,6 +15,7 @@ before and after a case are that case's alone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -337,7 +338,8 @@ def lane_db(base: Path) -> Iterator[Callable[[], str]]:
     starts WAITING). Copies are made once per lane: dropping a database costs a checkpoint."""
     template = f"amt_test_{uuid.uuid4().hex[:12]}"
     _admin(f"CREATE DATABASE {template}")
-    study = create_study(load_search_config(base / "search.yaml"), storage_url=_url(template))
+    with contextlib.chdir(base):  # its relative corpus path is the case trees'
+        study = create_study(load_search_config(base / "search.yaml"), storage_url=_url(template))
     study._storage._backend.engine.dispose()  # no connection may stay open on a template
     made = [template]
     lanes = threading.local()
