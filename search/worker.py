@@ -38,6 +38,7 @@ from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, claim_run_dirs
 from search.study import count_trials, load_study, open_worker_storage
 from storage.errors import CheckpointError, StorageError
+from storage.rdb import STOP_WAITING
 from storage.urls import where as storage_where
 from trainer.errors import ConfigError, TrainingFailed
 
@@ -73,6 +74,7 @@ def run_worker(
     storage = open_worker_storage(study_name, storage_url)
     study, cfg = load_study(study_name, storage, worker_index=index)
     stop = threading.Event()
+    STOP_WAITING.clear()  # (a worker run earlier in this process may have set it)
     _handle_signals(stop)
     _quiet_optuna()
     claim_run_dirs(study_name, storage_where(storage.url), study._study_id)
@@ -93,6 +95,7 @@ def run_worker(
         ran = _run_trials(study, cfg, objective, lock, stop, n_trials)
     finally:
         done.set()
+        STOP_WAITING.clear()  # this process may go on using the storage (tests, benchmarks)
     counts = count_trials(study.get_trials(deepcopy=False))
     log.info(
         "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, %d running",
@@ -127,7 +130,10 @@ def _run_trials(
             if action == "run":
                 try:
                     study.optimize(objective, n_trials=1, catch=(TrainingFailed,))
-                except Exception:  # Optuna cannot tell the result of a lost trial either
+                except Exception as e:  # Optuna cannot tell the result of a lost trial either
+                    given_up = _storage_error_in(e)
+                    if given_up is not None:  # Optuna's own error (when it could not store
+                        raise given_up from None  # the trial's end) would hide it
                     if objective.lost is None:
                         raise
                     log.warning("trial %d: lost while this worker was stopped, dropped; "
@@ -246,6 +252,16 @@ class StartLock:
             conn.invalidate()
 
 
+def _storage_error_in(error: BaseException) -> StorageError | None:
+    """The StorageError (the database gave up) in ``error``'s chain, if any."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StorageError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _handle_signals(stop: threading.Event) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         if stop.is_set():  # a second signal: stop now, without saving
@@ -254,6 +270,7 @@ def _handle_signals(stop: threading.Event) -> None:
             return
         log.info("%s: saving the running trial and leaving", signal.Signals(signum).name)
         stop.set()
+        STOP_WAITING.set()  # no waiting out a database outage: the trial goes stale instead
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

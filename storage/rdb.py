@@ -261,6 +261,8 @@ def is_transient(error: BaseException) -> bool:
 
 
 _retrying_here = threading.local()
+# set (by a worker's SIGTERM) to give up waiting for an unavailable database at once
+STOP_WAITING = threading.Event()
 
 
 class ResilientRDBStorage(RDBStorage):
@@ -313,6 +315,11 @@ class ResilientRDBStorage(RDBStorage):
                             f"the study database at {where(self.url)} has been unavailable "
                             f"for {self.retry_for_s:.0f} s — check that PostgreSQL is running"
                         ) from e
+                    if STOP_WAITING.is_set():
+                        raise StorageError(
+                            f"stopped while the study database at {where(self.url)} was "
+                            "unavailable — once it is back, the running trial is failed as "
+                            "stale and retried from its last checkpoint by any worker") from e
                     self._maybe_restart(e)
                     if n == 0:
                         _log.warning(
@@ -322,7 +329,7 @@ class ResilientRDBStorage(RDBStorage):
                         )
                     # jitter below the delay only: no pause exceeds _BACKOFF_MAX_S, the margin
                     # the grace period keeps over the heartbeat interval
-                    time.sleep(delay * random.uniform(0.5, 1.0))
+                    STOP_WAITING.wait(delay * random.uniform(0.5, 1.0))
                     delay = min(2 * delay, _BACKOFF_MAX_S)
                     n += 1
                     continue
@@ -506,3 +513,18 @@ _RETRIED = (
 )
 for _name in _RETRIED:
     setattr(ResilientRDBStorage, _name, _retrying(getattr(ResilientRDBStorage, _name)))
+
+_record_heartbeat = ResilientRDBStorage.record_heartbeat
+
+
+def _heartbeat_or_warn(self: ResilientRDBStorage, trial_id: int) -> None:
+    """Optuna records heartbeats from a thread of its own: a storage that gave up (a long
+    outage, or the worker stopping during one) is logged there, not raised into a traceback
+    that kills the thread. Without heartbeats the trial goes stale: its retry resumes it."""
+    try:
+        _record_heartbeat(self, trial_id)
+    except StorageError as e:
+        _log.warning("heartbeat of trial %d not recorded: %s", trial_id, e)
+
+
+ResilientRDBStorage.record_heartbeat = _heartbeat_or_warn  # type: ignore[method-assign,assignment]

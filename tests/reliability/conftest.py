@@ -55,6 +55,7 @@ SCENARIOS = (
     "PostgreSQL down 0 s",
     "PostgreSQL down 20 s",
     "PostgreSQL down 60 s",
+    "SIGTERM during a PostgreSQL outage",
     "SIGSTOP a worker (and the start lock's holder) 20 s",
     "SIGTERM a worker",
     "NaN / inf loss",

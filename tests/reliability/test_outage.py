@@ -8,6 +8,7 @@ retried, every evaluation's report is in the study (none lost) and no trial is d
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,4 +77,52 @@ def test_postgres_down_for_0_20_and_60_s_mid_study(
                f"stopped, started again {took:.1f} s later, two workers mid-trial; they wait and "
                "carry on; every trial completes, none stale or retried; every eval's report "
                "stored (none lost); no duplicate trial")
+    assert not problems, "\n".join(problems)
+
+
+def test_sigterm_during_an_outage_leaves_at_once_and_the_trial_resumes_later(
+    forkserver: ForkServer, corpus_dir: Path, embedded_pg: EmbeddedPG, tmp_path: Path,
+    record: Callable[..., None],
+) -> None:
+    """SIGTERM to a worker while PostgreSQL is down: it does not wait out the outage (600 s by
+    default) but leaves within seconds, one error line, its checkpoint on disk; once the
+    database is back, the next worker fails the trial as stale and resumes it from there."""
+    started = time.monotonic()
+    study = make_study(
+        tmp_path, corpus_dir, embedded_pg.url, "outage-term", n_trials=1,
+        truncation={"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY,
+                    "eval_subset": 8, "warmup": 0.1},
+    )
+    worker = study.spawn(forkserver, 0)
+    wait_for(lambda: worker.progress()[1] >= 2, 120, "two evals of the first trial")
+    embedded_pg.stop()
+    try:
+        time.sleep(2)
+        worker.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        code = worker.wait(120)
+        left_s = time.monotonic() - signalled
+    finally:
+        embedded_pg.start()
+    problems = []
+    errors = [line for line in worker.text().splitlines() if "amt-search: error:" in line]
+    if code != 2 or left_s > 30:
+        problems.append(f"exit {code} after {left_s:.0f} s (wanted 2 within 30 s)")
+    if len(errors) != 1 or "stopped while the study database" not in errors[0]:
+        problems.append(f"error lines {errors}")
+    if "Traceback" in worker.text():
+        problems.append("a traceback in the worker's log")
+    again = study.spawn(forkserver, 1)
+    if again.wait(240) != 0:
+        problems.append(f"the next worker failed:\n{again.tail()}")
+    trials = study.study().get_trials(deepcopy=False)
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    if len(done) != 1 or done[0].user_attrs.get("resumed_from") != 0:
+        states = [(t.number, t.state.name, t.user_attrs.get("resumed_from")) for t in trials]
+        problems.append(f"trials {states}")
+    record("SIGTERM during a PostgreSQL outage", 1, int(not problems),
+           time.monotonic() - started,
+           f"the worker leaves {left_s:.1f} s after SIGTERM with one error line (no traceback), "
+           "not after the 600 s retry window; with the database back the next worker fails the "
+           "trial as stale and completes it from its checkpoint")
     assert not problems, "\n".join(problems)
