@@ -12,10 +12,13 @@ import dataclasses
 import json
 import logging
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
+import sqlalchemy
 
 from search.config import (
     SearchConfig,
@@ -72,6 +75,28 @@ def create_study(
         raise SearchError(f"the search config is {size:,} bytes as JSON, more than "
                           f"{MAX_CONFIG_BYTES:,}: keep meta and overrides small")
     storage = _open(storage_url, cfg)
+    with _creation_lock(storage, cfg.name):  # a concurrent create-study waits, then sees it
+        return _create(storage, cfg, storage_url, stored, skip_if_exists)
+
+
+@contextlib.contextmanager
+def _creation_lock(storage: Any, name: str) -> Iterator[None]:
+    """A PostgreSQL advisory lock per study name, held while a study is created: a second
+    create-study of the name never mistakes one being made for a half-made one. The session
+    holds it, so a killed create-study releases it."""
+    key = zlib.crc32(f"amt-search:create:{name}".encode())
+    with storage.engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        conn.commit()
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: dict[str, Any],
+            skip_if_exists: bool) -> optuna.Study:
     for attempt in range(2):
         try:
             study = optuna.create_study(

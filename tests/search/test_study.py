@@ -299,3 +299,13 @@ def test_run_dirs_of_a_study_in_another_storage_are_refused() -> None:
     claim_run_dirs("tiny", "127.0.0.1:5432/a", 2)  # deleted and made again in the same database
     with pytest.raises(SearchError, match=r"study 'tiny' in another storage \(127.0.0.1:5432/a\)"):
         claim_run_dirs("tiny", "127.0.0.1:5432/b", 1)
+
+
+def test_concurrent_create_studies_make_one(write_search: Callable[..., Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = load_search_config(write_search())
+    with ThreadPoolExecutor(4) as pool:  # none may take another's study for a half-made one
+        studies = list(pool.map(lambda _: create_study(cfg, skip_if_exists=True), range(4)))
+    assert {s.study_name for s in studies} == {"tiny"}
+    assert len(load_study("tiny")[0].trials) == 3
