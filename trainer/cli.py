@@ -90,8 +90,12 @@ class _StopOnSignal:
 
     def __init__(self) -> None:
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle)
+                         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -120,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainer.loop import fit
 
         callbacks = [_StopOnSignal()] if int(os.environ.get("WORLD_SIZE", "1")) == 1 else []
-        result = fit(cfg, callbacks, resume=args.resume)
+        try:
+            result = fit(cfg, callbacks, resume=args.resume)
+        finally:
+            for cb in callbacks:
+                cb.restore()
     except USER_ERRORS as e:
         print(f"amt-train: error: {e}", file=sys.stderr)
         return 2

@@ -142,3 +142,29 @@ def test_a_stored_config_with_a_retired_key_still_loads(caplog: pytest.LogCaptur
         assert config_from_dict(stored) == TrainConfig()
         assert config_from_dict(stored) == TrainConfig()
     assert caplog.text.count("train.fused_norm_draws is no longer an option") == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(task: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    common = [*TINY, "--set", f"data.path={task}", "--set", f"data.cache_dir={tmp_path}/cache",
+              "--out-dir", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "run_train.py", *common, "--set", "train.max_steps=100000"], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "AMT_PROGRESS": "0"})
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # training has started: its first evaluation is written
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("amt-train: stopped by SIGTERM after step ") and "--resume" in last
+    step = int(last.split("after step ")[1].split(";")[0])
+    resumed = run_train(*common, "--set", f"train.max_steps={step + 2}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out}/ckpt_{step:09d}.pt" in resumed.stderr
