@@ -70,6 +70,9 @@ def parse_gpus(spec: str) -> list[int]:
         raise SearchError(f"--gpus {spec!r}: expected 'all' or indices like 0,1") from None
     if len(set(gpus)) != len(gpus) or min(gpus) < 0:
         raise SearchError(f"--gpus {spec!r}: indices must be distinct and >= 0")
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    if any(v and not v.isdigit() for v in visible):
+        return gpus  # GPU UUIDs or MIG ids: indices cannot be checked against them
     found = detect_gpus()
     missing = [g for g in gpus if g not in found]
     if missing:

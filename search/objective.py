@@ -85,7 +85,11 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
         previous = json.loads(marker.read_text())
     except (OSError, ValueError):
         previous = None
-    if isinstance(previous, dict) and previous.get("storage") not in (None, storage_where):
+    def server(text: Any) -> str:  # "PostgreSQL <system id>/<db> (<host:port/db>)" -> id/db
+        return str(text).split(" (")[0]
+
+    if (isinstance(previous, dict) and previous.get("storage") is not None
+            and server(previous["storage"]) != server(storage_where)):
         raise SearchError(
             f"{root} holds the trial runs of study '{study_name}' in another storage "
             f"({previous['storage']}): this study's trials would overwrite them — give it "
@@ -93,7 +97,7 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
     if previous != owner:  # new, or an earlier study of this name in this storage (deleted)
         root.mkdir(parents=True, exist_ok=True)
         text = json.dumps(owner) + "\n"
-        atomic_write(marker, lambda f: f.write(text.encode()))  # workers claim it at once
+        atomic_write(marker, lambda f: f.write(text.encode()), mode=0o644)  # workers: at once
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:

@@ -90,7 +90,7 @@ def promote(
                           "'amt-search promote' — remove it or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = header + yaml.safe_dump(raw, sort_keys=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()), mode=0o644)
     log.info("wrote %s (run directory %s)", path, out_dir)
     return path
 
@@ -117,8 +117,11 @@ def run_training(config: Path, gpus: list[int]) -> int:
     cmd, env = train_command(config, gpus)
     where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
     log.info("training on %s: %s", where, " ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env)
-    signals = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+    # its own session: a terminal's Ctrl-C reaches it once, through this process (twice would
+    # be amt-train's "stop now")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    signals = [sig for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+               if signal.getsignal(sig) is not signal.SIG_IGN]  # nohup stays nohup
     previous = {sig: signal.getsignal(sig) for sig in signals}
 
     def forward(signum: int, frame: object) -> None:

@@ -28,6 +28,7 @@ from search.config import (
 )
 from search.errors import SearchError
 from storage import mask_url, open_storage
+from storage.urls import connect_error
 
 __all__ = [
     "CONFIG_ATTR",
@@ -85,14 +86,20 @@ def _creation_lock(storage: Any, name: str) -> Iterator[None]:
     create-study of the name never mistakes one being made for a half-made one. The session
     holds it, so a killed create-study releases it."""
     key = zlib.crc32(f"amt-search:create:{name}".encode())
-    with storage.engine.connect() as conn:
+    try:
+        conn = storage.engine.connect()
+        conn.execute(sqlalchemy.text("SET lock_timeout = 0"))  # wait as long as it takes
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         conn.commit()
-        try:
-            yield
-        finally:
+    except sqlalchemy.exc.DBAPIError as e:
+        raise connect_error(storage.url, e) from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlalchemy.exc.DBAPIError):  # closing ends the session too
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
             conn.commit()
+        conn.close()
 
 
 def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: dict[str, Any],
@@ -197,7 +204,7 @@ def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
         raise SearchError(
             f"study '{name}' has no amt-search config (not made by 'amt-search create-study')"
         )
-    return search_config_from_dict(attrs[CONFIG_ATTR])
+    return search_config_from_dict(attrs[CONFIG_ATTR], stored=True)
 
 
 def make_sampler(cfg: SearchConfig, worker_index: int = 0, n_trials: int = 0

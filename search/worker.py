@@ -38,8 +38,7 @@ from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, claim_run_dirs
 from search.study import count_trials, load_study, open_worker_storage
 from storage.errors import CheckpointError, StorageError
-from storage.rdb import STOP_WAITING
-from storage.urls import where as storage_where
+from storage.rdb import STOP_WAITING, storage_identity
 from trainer.errors import ConfigError, TrainingFailed
 
 __all__ = ["next_action", "run_worker"]
@@ -77,7 +76,7 @@ def run_worker(
     STOP_WAITING.clear()  # (a worker run earlier in this process may have set it)
     _handle_signals(stop)
     _quiet_optuna()
-    claim_run_dirs(study_name, storage_where(storage.url), study._study_id)
+    claim_run_dirs(study_name, storage_identity(storage), study._study_id)
     objective = Objective(cfg, stop, device="cpu" if gpu is None else "cuda")
     lock = StartLock(storage, study_name)
     objective.on_trial_start.append(lambda trial: lock.release())
@@ -92,21 +91,22 @@ def run_worker(
     )
     sweeper.start()
     try:
-        ran = _run_trials(study, cfg, objective, lock, stop, n_trials)
+        try:
+            ran = _run_trials(study, cfg, objective, lock, stop, n_trials)
+        finally:
+            done.set()
+        if stop.is_set():  # the database may be gone: no more waiting for it
+            log.info("worker %d leaves: %d trials here", index, ran)
+            return 0
+        counts = count_trials(study.get_trials(deepcopy=False))
+        log.info(
+            "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, "
+            "%d running", index, ran, counts.complete, counts.pruned, counts.failed,
+            counts.running,
+        )
+        return 0
     finally:
-        done.set()
         STOP_WAITING.clear()  # this process may go on using the storage (tests, benchmarks)
-    counts = count_trials(study.get_trials(deepcopy=False))
-    log.info(
-        "worker %d leaves: %d trials here; study: %d complete, %d pruned, %d failed, %d running",
-        index,
-        ran,
-        counts.complete,
-        counts.pruned,
-        counts.failed,
-        counts.running,
-    )
-    return 0
 
 
 def _run_trials(

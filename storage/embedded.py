@@ -95,6 +95,16 @@ def _url(lay: _Layout) -> str:
     return f"postgresql://{DB_USER}@/{DATABASE}?host={quote(str(lay.socket_dir))}&port={PORT}"
 
 
+def is_embedded_url(url: str) -> bool:
+    """Whether ``url`` (as given, or as ``check_url`` spells it) is this $AMT_HOME's server."""
+    from storage.urls import check_url
+
+    try:
+        return check_url(url) == check_url(_url(_layout()))
+    except Exception:  # a malformed URL is not ours
+        return False
+
+
 def ensure_server() -> str:
     """Start the embedded PostgreSQL, or join the one already running; return its URL.
 

@@ -11,16 +11,19 @@ from typing import IO, Any
 __all__ = ["atomic_write", "fsync_dir"]
 
 
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int | None = None) -> None:
     """Write ``path`` through a temporary file in its directory: write, fsync, rename, fsync
     the directory. The temporary file is named ``.<name>.<pid>.<random>.tmp`` so that a
     reader can tell a dead writer's leftovers. On any failure (disk full included) the
-    temporary file is removed and ``path`` is untouched."""
+    temporary file is removed and ``path`` is untouched. ``mode``: the file's permissions
+    (default: mkstemp's 0600, private)."""
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
     )
     try:
         with os.fdopen(fd, "wb") as f:
+            if mode is not None:
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -129,9 +129,10 @@ def open_storage(
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
                 retry_for_s=retry_for_s,
             )
-            if url is None and not os.environ.get(ENV_VAR):  # the embedded server
-                from storage import embedded
+            from storage import embedded
 
+            # the embedded server, by default or named (launch passes its URL to the workers)
+            if (url is None and not os.environ.get(ENV_VAR)) or embedded.is_embedded_url(resolved):
                 storage.restart = embedded.ensure_server
             return storage
         except StorageError:
@@ -528,3 +529,15 @@ def _heartbeat_or_warn(self: ResilientRDBStorage, trial_id: int) -> None:
 
 
 ResilientRDBStorage.record_heartbeat = _heartbeat_or_warn  # type: ignore[method-assign,assignment]
+
+
+def storage_identity(storage: RDBStorage) -> str:
+    """Names the database behind ``storage`` however its URL spells the host: the server's
+    system identifier and the database name (``host:port/db`` when the server will not say)."""
+    try:
+        with storage.engine.connect() as conn:
+            row = conn.execute(text(
+                "SELECT system_identifier, current_database() FROM pg_control_system()")).one()
+        return f"PostgreSQL {row[0]}/{row[1]} ({where(storage.url)})"
+    except sqlalchemy.exc.SQLAlchemyError:
+        return where(storage.url)

@@ -90,8 +90,11 @@ class _StopOnSignal:
 
     def __init__(self) -> None:
         self.signum = 0
+        # a signal the process was started ignoring (nohup: SIGHUP; a background job: SIGINT)
+        # stays ignored
         self.previous = {sig: signal.signal(sig, self._handle)
-                         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+                         for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+                         if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

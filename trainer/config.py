@@ -267,6 +267,12 @@ class TrainingConfig:
             )
 
 
+# "auto" and sacrebleu 2.x's tokenisers (trainer.metrics checks they work when it uses them;
+# not imported here: every command that loads a config would pay for sacrebleu)
+TOKENIZE_CHOICES = ("auto", "none", "zh", "13a", "intl", "char", "ja-mecab", "ko-mecab", "spm",
+                    "flores101", "flores200", "spBLEU-1K")
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Extra metrics. ``ndd``: see trainer/metrics.py for the definition we chose."""
@@ -279,8 +285,6 @@ class EvalConfig:
     bleu_tokenize: str = "auto"
 
     def __post_init__(self) -> None:
-        from trainer.metrics import TOKENIZE_CHOICES
-
         if self.bleu_tokenize not in TOKENIZE_CHOICES:
             raise ConfigError(f"eval.bleu_tokenize: {self.bleu_tokenize!r} is not one of "
                               f"{', '.join(TOKENIZE_CHOICES)}")
@@ -512,7 +516,27 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"{p}:{where}: {problem}") from None
     if raw is None:
         raise ConfigError(f"{p}: the config file is empty")
+    if _expanded_size(raw, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+        raise ConfigError(f"{p}: expands to more than {MAX_YAML_VALUES:,} values (aliases "
+                          "*name repeat what they name): not a config")
     return raw
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_size(value: Any, budget: int) -> int:
+    """Values in ``value`` counting every alias's copy, stopping once past ``budget``."""
+    seen, stack = 0, [value]
+    while stack and seen <= budget:
+        item = stack.pop()
+        seen += 1
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return seen
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -167,6 +167,13 @@ def decode_ratio(ratio: float, train: Split) -> float:
     return max(ratio, round(float(np.quantile(need, 0.99)), 2))
 
 
+def _data_value(key: str, value: Any) -> Any:
+    """A data setting as compared on resume: paths resolved (``~``, relative spellings)."""
+    if key.endswith("path") and isinstance(value, str):
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 # data keys that decide the corpus and its vocabulary: a resumed run must keep them
 _CORPUS_KEYS = ("source", "bible_src", "bible_tgt", "path", "train_path", "src_field",
                 "tgt_field", "vocab_size")
@@ -792,6 +799,7 @@ class Run:
             "rng": _rng_state(),
             "progress": asdict(self.progress),
             "config": config_to_dict(self.cfg),
+            "tokenizer_key": self.data.tokenizer_key,  # the token ids' meaning
         }
         self.saved_path = save_checkpoint(self.out_dir, self.progress.step, state,
                                           keep=self.cfg.train.keep_checkpoints)
@@ -805,10 +813,17 @@ class Run:
         if not isinstance(state.get("config"), dict) or "model" not in state["config"]:
             raise CheckpointError(f"checkpoint {path} is not an amt-train checkpoint (no config "
                                   "in it) — resume from another run directory")
+        saved_key = state.get("tokenizer_key")
+        if saved_key is not None and saved_key != self.data.tokenizer_key:
+            raise ConfigError(
+                f"the checkpoint {path} was trained with another tokenizer (another corpus or "
+                "data settings, or the corpus changed since): its token ids mean other words "
+                "here — resume with the data section it was saved with, or start a new run "
+                "(another --out-dir)")
         saved_data = state["config"].get("data", {})
         data_now = config_to_dict(self.cfg.data)
-        for k in _CORPUS_KEYS:
-            if k in saved_data and saved_data[k] != data_now[k]:
+        for k in () if saved_key is not None else _CORPUS_KEYS:  # older checkpoints: by config
+            if k in saved_data and _data_value(k, saved_data[k]) != _data_value(k, data_now[k]):
                 raise ConfigError(
                     f"data.{k} is {data_now[k]!r} but the checkpoint {path} being resumed was "
                     f"trained with {saved_data[k]!r} (another corpus or vocabulary); resume with "

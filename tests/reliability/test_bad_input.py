@@ -159,6 +159,12 @@ CASES = [
          "more than 100 aliases", (("bomb.yaml", "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
              f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
              for p, c in zip("abcdefghijklm", "bcdefghijklmn", strict=True))),)),
+    Case("YAML alias bomb under the alias limit", ("amt-search", "create-study", "--config",
+                                                   "bomb99.yaml"),
+         "expands to more than 100,000 values", (("bomb99.yaml", "a: &a [x, x, x, x, x, x]\n"
+                                                 + "".join(
+             f"{c}: &{c} [" + ", ".join([f"*{p}"] * 9) + "]\n"
+             for p, c in zip("abcdefghijk", "bcdefghijkl", strict=True))),)),
     Case("meta not plain data", ("amt-search", "create-study", "--config", "s.yaml"),
          "meta.when", (("s.yaml", "base_config: train.yaml\n" + yaml.safe_dump(
              {k: v for k, v in tiny_search().items() if k != "base_config"})

@@ -125,6 +125,7 @@ def test_study_survives_a_server_restart(embedded_home: Path) -> None:
 
 def test_gives_up_after_retry_for(embedded_home: Path) -> None:
     storage = open_storage(resolve_url(), retry_for_s=2)
+    storage.restart = None  # (it would start the embedded server again: the test above)
     embedded.stop()
     started = time.monotonic()
     with pytest.raises(StorageError, match="unavailable for 2 s"):

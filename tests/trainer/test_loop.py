@@ -141,6 +141,13 @@ def test_resume_refuses_another_corpus_or_optimiser_layout(task: Path, tmp_path:
     with pytest.raises(KeyboardInterrupt):
         fit(cfg, [StopAt(4)])
     other = tiny_config(task, tmp_path / "run", **{"data.vocab_size": 280})
+    with pytest.raises(ConfigError, match=r"checkpoint .* was trained with another tokenizer"):
+        fit(other, resume=True)
+    # a checkpoint from before the tokenizer's key was saved: told by its config
+    path = latest_checkpoint(tmp_path / "run")
+    state = load_checkpoint(path)
+    del state["tokenizer_key"]
+    save_checkpoint(tmp_path / "run", state["progress"]["step"], state)
     with pytest.raises(ConfigError, match=r"data.vocab_size is 280 but the checkpoint .* was "
                        r"trained with 300 .*--set data.vocab_size=300"):
         fit(other, resume=True)

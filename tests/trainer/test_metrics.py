@@ -56,3 +56,11 @@ def test_unusable_tokeniser_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="bleu_tokenize='ja-mecab'.*pip install"):
         resolve_tokenize("ja-mecab", ["x"])
     assert resolve_tokenize("intl", ["x"]) == "intl"
+
+
+def test_the_config_knows_sacrebleus_tokenisers() -> None:
+    import sacrebleu
+
+    from trainer.config import TOKENIZE_CHOICES
+
+    assert set(TOKENIZE_CHOICES) == {"auto", *sacrebleu.BLEU.TOKENIZERS}

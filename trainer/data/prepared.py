@@ -56,6 +56,7 @@ class PreparedData:
     eos_id: int
     vocab_size: int  # the tokenizer's real size (<= data.vocab_size on a small corpus)
     fingerprint: str  # content hash of tokenizer + corpus, for logs and run metadata
+    tokenizer_key: str  # hash of the tokenizer's training text and settings (its identity)
     prepare_s: float  # wall time of the prepare() call that built this
     built: tuple[str, ...]  # cache files this call had to build ("tokenizer", "tokens")
 
@@ -145,6 +146,7 @@ def prepare(data_cfg: DataConfig) -> PreparedData:
         eos_id=tok.SPECIAL_TOKENS.index(tok.EOS),
         vocab_size=tokenizer.get_vocab_size(),
         fingerprint=ids_key,
+        tokenizer_key=tok_key,
         prepare_s=time.perf_counter() - started,
         built=tuple(name for name, b in (("tokenizer", trained), ("tokens", encoded)) if b),
     )
