@@ -126,7 +126,9 @@ def _create_study(args: argparse.Namespace) -> int:
 
     cfg = load_search_config(args.config)
     study = create_study(cfg, args.storage, args.study_name, args.skip_if_exists)
-    print(f"study {study.study_name}: {len(study.trials)} trials queued")
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(t.state.name == "WAITING" for t in trials)
+    print(f"study {study.study_name}: {len(trials)} trials, {waiting} queued to run")
     return 0
 
 

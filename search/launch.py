@@ -79,7 +79,8 @@ def parse_gpus(spec: str) -> list[int]:
         raise SearchError(
             f"--gpus {spec!r}: no GPU {', '.join(map(str, missing))} on this host (found: "
             f"{', '.join(map(str, found)) or 'none'}) — see nvidia-smi -L"
-            + ("" if found else ", or use --cpu-workers K"))
+            + ("" if found else
+               ", or run on the CPU (launch --cpu-workers K, promote --gpus cpu)"))
     return gpus
 
 

@@ -26,6 +26,7 @@ import errno
 import json
 import logging
 import math
+import os
 import shutil
 import threading
 import time
@@ -81,10 +82,23 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
     root = state_dir() / "runs" / study_name
     marker = root / OWNER_FILE
     owner = {"storage": storage_where, "study_id": study_id}
-    try:
-        previous = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        previous = None
+    root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(owner) + "\n"
+    try:  # first claim: exclusive, so two workers starting together cannot both win
+        fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        return
+    previous: Any = None
+    for _ in range(50):  # the first claimant may be writing it this moment
+        try:
+            previous = json.loads(marker.read_text())
+            break
+        except (OSError, ValueError):
+            time.sleep(0.1)
     def server(text: Any) -> str:  # "PostgreSQL <system id>/<db> (<host:port/db>)" -> id/db
         return str(text).split(" (")[0]
 
@@ -94,10 +108,8 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
             f"{root} holds the trial runs of study '{study_name}' in another storage "
             f"({previous['storage']}): this study's trials would overwrite them — give it "
             "another name (create-study --study-name), or set AMT_HOME to another directory")
-    if previous != owner:  # new, or an earlier study of this name in this storage (deleted)
-        root.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(owner) + "\n"
-        atomic_write(marker, lambda f: f.write(text.encode()), mode=0o644)  # workers: at once
+    if previous != owner:  # an earlier study of this name in this storage (deleted), or unread
+        atomic_write(marker, lambda f: f.write(text.encode()), mode=0o644)
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:

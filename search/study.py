@@ -65,8 +65,11 @@ def create_study(
     """
     cfg = search_cfg if study_name is None else dataclasses.replace(search_cfg, name=study_name)
     from trainer.data.corpus import check_corpus  # (imports torch: not for every command)
+    from trainer.metrics import resolve_tokenize
 
-    check_corpus(trial_train_config(cfg, {}, out_dir=".").data)  # not in the first trial
+    trial_cfg = trial_train_config(cfg, {}, out_dir=".")
+    check_corpus(trial_cfg.data)  # here, not in the first trial
+    resolve_tokenize(trial_cfg.eval.bleu_tokenize, [])  # a tokeniser this host can run
     stored = search_config_to_dict(cfg)
     try:
         size = len(json.dumps(stored))  # what the database will hold

@@ -10,20 +10,22 @@ from typing import IO, Any
 
 __all__ = ["atomic_write", "fsync_dir"]
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
+os.umask(_UMASK)
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int | None = None) -> None:
     """Write ``path`` through a temporary file in its directory: write, fsync, rename, fsync
     the directory. The temporary file is named ``.<name>.<pid>.<random>.tmp`` so that a
     reader can tell a dead writer's leftovers. On any failure (disk full included) the
     temporary file is removed and ``path`` is untouched. ``mode``: the file's permissions
-    (default: mkstemp's 0600, private)."""
+    (default: 0666 less the umask, as ``open`` gives; mkstemp alone would give 0600)."""
     fd, tmp = tempfile.mkstemp(
         dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
     )
     try:
         with os.fdopen(fd, "wb") as f:
-            if mode is not None:
-                os.fchmod(f.fileno(), mode)
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK if mode is None else mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

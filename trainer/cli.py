@@ -78,9 +78,11 @@ def describe(cfg: TrainConfig) -> str:
 class Stopped(Exception):
     """SIGTERM, SIGHUP or a first Ctrl-C: the run stopped after a step, checkpoint saved."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+    def __init__(self, signum: int, step: int | None) -> None:
+        when = "before training started" if step is None else f"after step {step}"
+        super().__init__(f"stopped by {signal.Signals(signum).name} {when}")
         self.signum = signum
+        self.step = step
 
 
 class _StopOnSignal:
@@ -90,6 +92,7 @@ class _StopOnSignal:
 
     def __init__(self) -> None:
         self.signum = 0
+        self.training = False  # until the first step ends
         # a signal the process was started ignoring (nohup: SIGHUP; a background job: SIGINT)
         # stays ignored
         self.previous = {sig: signal.signal(sig, self._handle)
@@ -103,12 +106,15 @@ class _StopOnSignal:
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.training:  # reading data, building the model: nothing to save yet
+            raise Stopped(signum, None)
         self.signum = signum
         logging.getLogger("trainer").warning(
             "%s: stopping after this step (checkpoint saved)%s", signal.Signals(signum).name,
             "; Ctrl-C again to stop now" if signum == signal.SIGINT else "")
 
     def on_step(self, step: int) -> None:
+        self.training = True
         if self.signum:
             raise Stopped(self.signum, step)
 
@@ -136,8 +142,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"amt-train: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
-        print(f"amt-train: {e}; checkpoint saved in {cfg.train.out_dir} — continue with "
-              "--resume", file=sys.stderr)
+        if e.step is None:
+            print(f"amt-train: {e}", file=sys.stderr)
+        else:
+            print(f"amt-train: {e}; checkpoint saved in {cfg.train.out_dir} — continue with "
+                  "--resume", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:
         print("amt-train: interrupted (resume with --resume)", file=sys.stderr)

@@ -140,7 +140,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
         Exception: whatever a callback raised, after a checkpoint was saved (unless the
             exception's ``checkpoint`` attribute is False).
     """
-    _checkpoint_to_resume(Path(cfg.train.out_dir), resume)  # before the data: fail fast
+    _checkpoint_to_resume(Path(cfg.train.out_dir), resume, quiet=True)  # before the data
     owns_group = _init_distributed()
     try:
         result = Run(cfg, list(callbacks)).fit(resume)
@@ -188,7 +188,7 @@ def uses_fused_attention(cfg: TrainConfig) -> bool:
     return cfg.train.attention == "fused"
 
 
-def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
+def _checkpoint_to_resume(out_dir: Path, resume: bool, quiet: bool = False) -> Path | None:
     """The checkpoint ``fit`` continues from: None for a fresh start.
 
     Raises ConfigError when ``out_dir`` holds checkpoints and ``resume`` is off, and
@@ -198,7 +198,7 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
         raise ConfigError(f"train.out_dir={out_dir} already holds checkpoints; "
                           "resume it (--resume) or choose another out_dir")
     if not listed:
-        if resume:
+        if resume and not quiet:
             log.warning("no checkpoint in %s: starting from scratch", out_dir)
         return None
     good = [c for c in listed if c.ok]
@@ -206,7 +206,8 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool) -> Path | None:
         raise CheckpointError(f"no checkpoint in {out_dir} verifies (the newest, "
                               f"{listed[-1].path.name}, {listed[-1].problem})")
     for skipped in listed[listed.index(good[-1]) + 1:]:
-        log.warning("skipping checkpoint %s: it %s", skipped.path, skipped.problem)
+        if not quiet:
+            log.warning("skipping checkpoint %s: it %s", skipped.path, skipped.problem)
     return good[-1].path
 
 

@@ -179,3 +179,12 @@ def test_real_full_disk(tiny_disk: Path) -> None:
         ck.save_checkpoint(tiny_disk, 2, state(2, size=200_000))  # 800 kB on a 256 kB disk
     assert saved(tiny_disk) == [".manifest.lock", good.name, "manifest.json"]
     assert ck.load_checkpoint(good)["step"] == 1
+
+
+def test_atomic_writes_get_the_umask_s_permissions(tmp_path: Path) -> None:
+    from storage.files import _UMASK, atomic_write
+
+    atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o666 & ~_UMASK  # not mkstemp's 0600
+    atomic_write(tmp_path / "b", lambda f: f.write(b"x"), mode=0o600)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o600

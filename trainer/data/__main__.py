@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -109,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(figures, indent=2))
         else:
             parser.print_help()
+    except BrokenPipeError:  # '--list | head': the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ConfigError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
