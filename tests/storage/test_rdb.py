@@ -164,7 +164,7 @@ def test_no_retry_pause_exceeds_the_backoff_cap(
         clock["now"] += s
 
     monkeypatch.setattr(rdb.time, "monotonic", lambda: clock["now"])
-    monkeypatch.setattr(rdb.time, "sleep", sleep)
+    monkeypatch.setattr(rdb.STOP_WAITING, "wait", sleep)  # how the retries pause
     monkeypatch.setattr(rdb.random, "uniform", lambda low, high: high)  # the worst jitter
 
     def down(n: int) -> None:
