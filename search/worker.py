@@ -37,7 +37,7 @@ from search.config import SearchConfig
 from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, claim_run_dirs
 from search.study import count_trials, load_study, open_worker_storage
-from storage.errors import CheckpointError, StorageError
+from storage.errors import CheckpointError, StorageError, error_chain
 from storage.rdb import STOP_WAITING, storage_identity
 from trainer.errors import ConfigError, TrainingFailed
 
@@ -254,12 +254,7 @@ class StartLock:
 
 def _storage_error_in(error: BaseException) -> StorageError | None:
     """The StorageError (the database gave up) in ``error``'s chain, if any."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, StorageError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return next((e for e in error_chain(error) if isinstance(e, StorageError)), None)
 
 
 def _handle_signals(stop: threading.Event) -> None:

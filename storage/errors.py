@@ -1,5 +1,9 @@
 """Errors about where things are stored; the CLIs print them as one line and exit 2."""
 
+from __future__ import annotations
+
+from collections.abc import Iterator
+
 
 class StorageError(RuntimeError):
     """The study storage cannot be opened or used; the message says which and what to do."""
@@ -9,14 +13,17 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, truncated or does not match its SHA-256 manifest."""
 
 
-def os_error_in(error: BaseException) -> OSError | None:
-    """The first OSError among ``error`` and what caused it (``__cause__``/``__context__``):
-    torch, for one, reports a failed write as a RuntimeError with the OSError behind it."""
+def error_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and what caused it (``__cause__``, else ``__context__``), each once."""
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
-        if isinstance(cause, OSError):
-            return cause
+        yield cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    return None
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The first OSError among ``error`` and what caused it (``__cause__``/``__context__``):
+    torch, for one, reports a failed write as a RuntimeError with the OSError behind it."""
+    return next((e for e in error_chain(error) if isinstance(e, OSError)), None)

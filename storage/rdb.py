@@ -50,7 +50,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from storage.errors import StorageError
+from storage.errors import StorageError, error_chain
 from storage.urls import ENV_VAR, connect_error, mask_url, resolve_url, where
 
 _log = logging.getLogger(__name__)
@@ -280,10 +280,7 @@ class ResilientRDBStorage(RDBStorage):
     def _maybe_restart(self, error: BaseException) -> None:
         """Start the embedded server again (at most every 10 s) when it no longer answers."""
         gone = ("connection refused", "no such file or directory")
-        text, seen = "", error
-        while seen is not None:  # Optuna wraps the driver's error
-            text += str(seen).lower()
-            seen = seen.__cause__ or seen.__context__  # type: ignore[assignment]
+        text = " ".join(str(e).lower() for e in error_chain(error))  # Optuna wraps the driver's
         if (self.restart is None or time.monotonic() - self._restarted_at < 10.0
                 or not any(g in text for g in gone)):
             return
