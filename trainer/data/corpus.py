@@ -145,11 +145,7 @@ def check_corpus(cfg: DataConfig) -> None:
     """Cheap checks that ``cfg``'s corpus can be read (before a study's first trial): the
     Bible translations exist, the files exist and are files. Raises ConfigError."""
     if cfg.source == "bible":
-        known = {t.code for t in bible_translations()}
-        for key, code in (("data.bible_src", cfg.bible_src), ("data.bible_tgt", cfg.bible_tgt)):
-            if code not in known:
-                raise ConfigError(f"{key}: unknown Bible translation '{code}' (available: "
-                                  f"{', '.join(sorted(known))}; python -m trainer.data --list)")
+        _check_bible_codes(cfg)
         return
     for key in ("path", "train_path", "val_path", "test_path"):
         value = getattr(cfg, key)
@@ -205,7 +201,7 @@ def _bible_db() -> sqlite3.Connection:
     return sqlite3.connect(f"file:{bible_db_path()}?mode=ro&immutable=1", uri=True)
 
 
-def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
+def _check_bible_codes(cfg: DataConfig) -> None:
     known = {t.code: t for t in bible_translations()}
     for key, code in (("data.bible_src", cfg.bible_src), ("data.bible_tgt", cfg.bible_tgt)):
         if code not in known:
@@ -214,6 +210,10 @@ def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
                 f"{key}: unknown Bible translation '{code}' (available: {listing}); "
                 "see python -m trainer.data --list"
             )
+
+
+def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
+    _check_bible_codes(cfg)
     query = (
         "SELECT s.bNumber, s.cNumber, s.vText, t.vText FROM bible s JOIN bible t"
         " ON t.bbName = ? AND t.bNumber = s.bNumber AND t.cNumber = s.cNumber"
