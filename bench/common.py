@@ -226,6 +226,35 @@ def data_overrides(args: argparse.Namespace, work_dir: Path) -> tuple[dict[str, 
     return {"data.source": "bible"}, "bible"
 
 
+def report_study_raw(args: argparse.Namespace, work_dir: Path, name: str
+                     ) -> tuple[dict[str, Any], str, str]:
+    """``configs/search.yaml`` as a dict (``--tiny``: ``quickstart.yaml`` made tiny) on the
+    chosen corpus, named ``name``, with the flags ``--max-steps``, ``--eval-every``,
+    ``--eval-subset`` and the trial-only ``--grad-accum`` / ``--eval-max-new-tokens`` applied to
+    its truncation. Returns (dict, corpus word, source file name)."""
+    from search.config import load_search_config, search_config_to_dict
+
+    source = "quickstart.yaml" if args.tiny else "search.yaml"
+    raw = search_config_to_dict(load_search_config(REPO / "configs" / source))
+    data, corpus = data_overrides(args, work_dir)
+    raw["name"] = name
+    raw["overrides"] = {**raw["overrides"], **data, "data.cache_dir": str(work_dir / "cache")}
+    if args.tiny:
+        raw["overrides"].update({k: v for k, v in TINY_OVERRIDES.items() if k not in raw["space"]})
+        raw["overrides"]["model.max_len"] = 64
+        raw["derive"]["head_dim"] = 16
+        raw["space"]["model.d_model"]["choices"] = [32, 64]
+        for e in raw["enqueue"]:
+            e["model.d_model"] = 64 if e["model.d_model"] == 128 else 32
+    raw["truncation"].update(max_steps=args.max_steps, eval_every=args.eval_every,
+                             eval_subset=args.eval_subset)
+    for key, value in (("train.grad_accum", getattr(args, "grad_accum", None)),
+                       ("train.eval_max_new_tokens", getattr(args, "eval_max_new_tokens", None))):
+        if value is not None:
+            raw["truncation"]["overrides"][key] = value
+    return raw, corpus, source
+
+
 def recipe(args: argparse.Namespace, work_dir: Path, overrides: dict[str, Any] | None = None,
            base: str = "train.yaml") -> tuple[Any, str]:
     """Report 03's recipe (``configs/<base>``) on the chosen corpus, made tiny with ``--tiny``,

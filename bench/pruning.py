@@ -19,6 +19,15 @@ of ``search.config`` (e.g. ``successive_halving``) for comparison; ``none`` is a
 baseline. Study names are fixed (``pruning-<pruner>-s<seed>``): Hyperband assigns brackets by
 a hash of the study name, so a run is reproducible except for its timings.
 
+``--task report`` runs the service's own study instead (``configs/search.yaml``: the report's
+space, its three enqueued trials, TPE, the default Hyperband; ``--tiny``: the quickstart's, made
+tiny) on the Bible with a ``--max-steps`` / ``--eval-every`` budget, each study bounded by
+``--time-s`` (its ``timeout_s``: no trial starts after it) instead of a trial count. The studies
+run side by side through ``amt-search launch``, one GPU each (``--gpus 0,1``; more GPUs than
+studies: several seeds at once), or one CPU worker each; compute is then GPU-seconds
+(``wall_seconds`` of a one-GPU worker). A study cut by time that never reached the target would
+have needed more than it spent, so its ratio is a bound, as above.
+
 ``oracle`` bounds what any pruner could do on the unpruned study's own trials: one that knows
 every final BLEU-4 and stops each trial before the first one to reach the target at eval k
 (paying k / evals of its compute, start-up and evaluations pro rata, which flatters it), that
@@ -58,6 +67,55 @@ def run_study(wd: Any, url: str, name: str, pruner: str, n_trials: int, seed: in
     return sorted(rows, key=lambda r: r["number"])
 
 
+def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: list[str],
+                        n_trials: int, slots: list[int | None]) -> dict[int, dict[str, list]]:
+    """``--task report``: one study per (seed, pruner), created on ``url`` and run by
+    ``amt-search launch`` with one worker, ``len(slots)`` of them at a time (a GPU index each,
+    or None: a CPU worker). Returns {seed: {pruner: rows}}."""
+    import copy
+    import subprocess
+    import sys
+
+    import optuna
+
+    from search.config import search_config_from_dict
+    from search.study import create_study
+
+    base, _, _ = common.report_study_raw(args, wd, "pruning-report")
+    jobs = []
+    for seed in seeds:
+        for pruner in pruners:
+            raw = copy.deepcopy(base)
+            raw["name"] = f"pruning-report-{pruner}-s{seed}"
+            raw["sampler"]["seed"] = seed
+            raw["pruner"]["type"] = pruner  # search.yaml's rungs; ``none`` ignores them
+            raw.update(n_trials=n_trials, timeout_s=args.time_s)
+            create_study(search_config_from_dict(raw), url)
+            jobs.append((seed, pruner, raw["name"]))
+    for i in range(0, len(jobs), len(slots)):
+        wave = list(zip(jobs[i:i + len(slots)], slots, strict=False))
+        procs = []
+        for (_, _, name), slot in wave:
+            where = ["--cpu-workers", "1"] if slot is None else ["--gpus", str(slot)]
+            log.info("study %s on %s ...", name, "a CPU worker" if slot is None else f"GPU {slot}")
+            procs.append(subprocess.Popen([sys.executable, "-m", "search.cli", "launch",
+                                           "--study", name, "--storage", url,
+                                           "--progress-every", "60", *where]))
+        for proc in procs:
+            if proc.wait() != 0:
+                raise SystemExit(f"bench: amt-search launch exited {proc.returncode}")
+    out: dict[int, dict[str, list]] = {}
+    for seed, pruner, name in jobs:
+        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+        out.setdefault(seed, {})[pruner] = [
+            {"number": t.number, "state": t.state.name, "bleu": t.value,
+             "evals": len(t.intermediate_values), "cpu_s": t.user_attrs.get("cpu_seconds"),
+             "wall_s": t.user_attrs.get("wall_seconds"), "params": t.params}
+            for t in sorted(trials, key=lambda t: t.number)
+            if t.state.is_finished()]
+    return out
+
+
 def warm_up(wd: Any, tiny: bool) -> None:
     """Two steps of the small task first, so neither study's first trial pays for the
     tokenizer, the data cache and PyTorch's lazy start-up alone."""
@@ -82,7 +140,8 @@ def time_to_target(rows: list[dict[str, Any]], target: float, key: str) -> float
     return None
 
 
-def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float) -> dict[str, Any]:
+def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float,
+              unit: str = "cpu_s") -> dict[str, Any]:
     """Best BLEU-4, the target, each study's compute to target, and each pruner against
     ``none``: ``ratio_<unit>_to_target`` with its ``ratio_bound`` (``exact``; ``upper`` when only
     the pruned study reached the target; ``lower`` when only the unpruned one did)."""
@@ -106,32 +165,34 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float) -> dic
             "wall_s_to_target": time_to_target(rows, target, "wall_s"),
         }
     if "none" in studies:
-        out["oracle"] = oracle(studies["none"], target, out["none"]["cpu_s_to_target"])
+        out["oracle"] = oracle(studies["none"], target, out["none"][f"{unit}_to_target"], unit)
     for pruner in studies:
         if pruner == "none":
             continue
         row = out[pruner]
         for unit in ("cpu_s", "wall_s"):
             row[f"ratio_{unit}_to_target"], row["ratio_bound"] = _ratio(row, out["none"], unit)
-        row["ratio_total_cpu_s"] = round(row["total_cpu_s"]
-                                         / max(out["none"]["total_cpu_s"], 1e-9), 3)
+        for unit in ("cpu_s", "wall_s"):
+            row[f"ratio_total_{unit}"] = round(row[f"total_{unit}"]
+                                               / max(out["none"][f"total_{unit}"], 1e-9), 3)
     return out
 
 
-def oracle(rows: list[dict[str, Any]], target: float, spent: float | None) -> dict[str, Any]:
+def oracle(rows: list[dict[str, Any]], target: float, spent: float | None,
+           unit: str = "cpu_s") -> dict[str, Any]:
     """CPU-seconds to ``target`` of an all-knowing pruner on these (unpruned) trials, stopping
     every trial before the first one reaching it at eval k; over ``spent``, the trials' own."""
     if spent is None:
-        return {"cpu_s_at_eval": None, "ratio_at_eval": None}
+        return {f"{unit}_at_eval": None, "ratio_at_eval": None}
     n = max(r["evals"] for r in rows)
     cost = {k: 0.0 for k in range(1, n + 1)}
     for r in rows:
         done = r["state"] == "COMPLETE" and r["bleu"] is not None and r["bleu"] >= target
         for k in cost:
-            cost[k] += (r["cpu_s"] or 0.0) * (1.0 if done else k / max(r["evals"], 1))
+            cost[k] += (r[unit] or 0.0) * (1.0 if done else k / max(r["evals"], 1))
         if done:
             break
-    return {"cpu_s_at_eval": {k: round(v, 2) for k, v in cost.items()},
+    return {f"{unit}_at_eval": {k: round(v, 2) for k, v in cost.items()},
             "ratio_at_eval": {k: round(v / max(spent, 1e-9), 3) for k, v in cost.items()}}
 
 
@@ -150,15 +211,28 @@ def _ratio(pruned: dict[str, Any], none: dict[str, Any], unit: str
 
 def main(argv: list[str] | None = None) -> int:
     p = common.parser("pruning", __doc__.split("\n")[0])
+    p.add_argument("--task", choices=("small", "report"), default="small",
+                   help="small: the synthetic task, 20-trial studies one after the other "
+                   "(default); report: configs/search.yaml's study on the Bible, studies side "
+                   "by side, bounded by --time-s")
     p.add_argument("--storage", help="a PostgreSQL server URL for the scratch database "
                    "(default: 127.0.0.1:5432 if it answers, else the embedded server)")
     p.add_argument("--trials", type=int, default=None,
-                   help="trials per study (default 20; --tiny 3)")
+                   help="trials per study (default 20; --tiny 3; --task report: 200, so "
+                   "--time-s bounds it)")
     p.add_argument("--seeds", default="1234", help="sampler seeds, comma-separated (1234)")
     p.add_argument("--pruners", default="hyperband",
                    help="pruners compared with none, comma-separated (hyperband)")
     p.add_argument("--tolerance", type=float, default=0.5, help="BLEU-4 points (0.5)")
-    p.add_argument("--gpu", type=int, default=None, help="run the trials on this GPU")
+    p.add_argument("--gpu", type=int, default=None, help="small task: run the trials on this GPU")
+    p.add_argument("--gpus", default=None,
+                   help="report task: GPU indices such as 0,1, one study on each at a time "
+                   "(default: one CPU worker per study)")
+    p.add_argument("--time-s", type=float, default=400.0,
+                   help="report task: each study's timeout_s (400)")
+    p.add_argument("--max-steps", type=int, default=240, help="report task: trial steps (240)")
+    p.add_argument("--eval-every", type=int, default=40, help="report task (40)")
+    p.add_argument("--eval-subset", type=int, default=300, help="report task (300)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch (1: a worker per core; oversubscribed "
                    "threads spin and inflate CPU-seconds)")
@@ -167,53 +241,70 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    n_trials = args.trials or (3 if args.tiny else 20)
+    report_task = args.task == "report"
+    if report_task and args.tiny:
+        args.max_steps, args.eval_every, args.eval_subset = 12, 4, 8
+    n_trials = args.trials or (3 if args.tiny else 200 if report_task else 20)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     pruners = [x for x in args.pruners.split(",") if x.strip() and x != "none"] + ["none"]
+    slots: list[int | None] = ([int(g) for g in args.gpus.split(",")] if args.gpus
+                               else [None] * len(pruners))
+    unit = "wall_s" if report_task and args.gpus else "cpu_s"
     wd = common.work_dir(args, "pruning")
     common.amt_home(wd)
     server, where = common.server_url(args.storage)
     from storage.urls import mask_url
 
+    if report_task:
+        task = {"task": f"configs/{'quickstart' if args.tiny else 'search'}.yaml's study",
+                "trial": f"{args.max_steps} steps, eval every {args.eval_every}",
+                "time_s_per_study": args.time_s, "gpus": args.gpus,
+                "compute": "GPU-seconds (wall_seconds of a one-GPU worker)" if args.gpus
+                else "objective's cpu_seconds (process CPU time) per trial"}
+    else:
+        task = {"task": "synthetic word-by-word translation (bench.common.small_task_search)",
+                "trial": "12 steps, eval every 4" if args.tiny
+                else "180 steps, eval every 30 (6 evals)", "space": common.SMALL_TASK_SPACE,
+                "compute": "objective's cpu_seconds (process CPU time) and wall_seconds "
+                "per trial", "torch_threads": args.threads}
     report = common.Report("pruning", args, {
-        "task": "synthetic word-by-word translation (bench.common.small_task_search)",
-        "trial": "12 steps, eval every 4" if args.tiny else "180 steps, eval every 30 (6 evals)",
-        "space": common.SMALL_TASK_SPACE, "trials_per_study": n_trials, "seeds": seeds,
-        "tolerance_bleu": args.tolerance, "pruners": pruners,
-        "server": mask_url(server), "server_source": where,
-        "compute": "objective's cpu_seconds (process CPU time) and wall_seconds per trial",
-        "torch_threads": args.threads,
+        **task, "trials_per_study": n_trials, "seeds": seeds, "tolerance_bleu": args.tolerance,
+        "pruners": pruners, "unit": unit, "server": mask_url(server), "server_source": where,
     })
     dbs = common.ScratchDatabases(server, ["pruning"])
     url = dbs.url("pruning")
     per_seed: list[dict[str, Any]] = []
     report["per_seed"] = per_seed
-    warm_up(wd, args.tiny)
     try:
+        if report_task:
+            by_seed = run_report_studies(args, wd, url, seeds, pruners, n_trials, slots)
+        else:
+            warm_up(wd, args.tiny)
+            by_seed = {}
         for i, seed in enumerate(seeds):
-            studies: dict[str, list[dict[str, Any]]] = {}
-            for pruner in pruners if i % 2 == 0 else pruners[::-1]:
+            studies = by_seed.get(seed, {})
+            for pruner in [] if report_task else pruners if i % 2 == 0 else pruners[::-1]:
                 name = f"pruning-{pruner}-s{seed}"
                 log.info("study %s: %d trials ...", name, n_trials)
                 studies[pruner] = run_study(wd, url, name, pruner, n_trials, seed, args.tiny,
                                             args.gpu)
-            per_seed.append({"seed": seed, "summary": summarise(studies, args.tolerance),
+            per_seed.append({"seed": seed, "summary": summarise(studies, args.tolerance, unit),
                              "trials": studies})
             report.save()
     finally:
         dbs.drop()
-    report["pooled"] = {p: pooled(per_seed, p) for p in pruners if p != "none"}
-    report["pooled"]["oracle"] = pooled_oracle(per_seed)
+    report["pooled"] = {p: pooled(per_seed, p, unit) for p in pruners if p != "none"}
+    report["pooled"]["oracle"] = pooled_oracle(per_seed, unit)
     hb = report["pooled"].get("hyperband", {})
-    report["verdict"] = {"target_ratio": TARGET_RATIO, **hb,
-                         "met": hb.get("ratio_cpu_s_to_target") is not None
-                         and hb["ratio_cpu_s_to_target"] <= TARGET_RATIO
+    ratio = hb.get(f"ratio_{unit}_to_target")
+    report["verdict"] = {"target_ratio": TARGET_RATIO, "unit": unit, **hb,
+                         "met": ratio is not None and ratio <= TARGET_RATIO
                          and hb["ratio_bound"] in ("exact", "upper")}
     report.finish()
     return 0
 
 
-def pooled(per_seed: list[dict[str, Any]], pruner: str) -> dict[str, Any]:
+def pooled(per_seed: list[dict[str, Any]], pruner: str, unit: str = "cpu_s") -> dict[str, Any]:
     """``pruner`` against ``none`` over all seeds: CPU-seconds to target summed per pruner, a
     study that missed the target counting with its total (the pooled ratio is then a bound)."""
     sums = {pruner: 0.0, "none": 0.0}
@@ -222,29 +313,29 @@ def pooled(per_seed: list[dict[str, Any]], pruner: str) -> dict[str, Any]:
         for p in sums:
             row = s["summary"].get(p)
             if row is None:
-                return {"ratio_cpu_s_to_target": None, "ratio_bound": "no result"}
-            value = row["cpu_s_to_target"]
+                return {f"ratio_{unit}_to_target": None, "ratio_bound": "no result"}
+            value = row[f"{unit}_to_target"]
             missed[p] |= value is None
-            sums[p] += row["total_cpu_s"] if value is None else value
+            sums[p] += row[f"total_{unit}"] if value is None else value
     if missed[pruner] and missed["none"]:
         bound = "mixed"
     else:
         bound = "upper" if missed["none"] else "lower" if missed[pruner] else "exact"
-    return {"ratio_cpu_s_to_target": round(sums[pruner] / sums["none"], 3) if sums["none"]
+    return {f"ratio_{unit}_to_target": round(sums[pruner] / sums["none"], 3) if sums["none"]
             else None, "ratio_bound": bound,
-            "per_seed": [[s["summary"].get(pruner, {}).get("ratio_cpu_s_to_target"),
+            "per_seed": [[s["summary"].get(pruner, {}).get(f"ratio_{unit}_to_target"),
                           s["summary"].get(pruner, {}).get("ratio_bound")] for s in per_seed]}
 
 
-def pooled_oracle(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+def pooled_oracle(per_seed: list[dict[str, Any]], unit: str = "cpu_s") -> dict[str, Any]:
     """The oracle's compute to target over the unpruned studies', summed over the seeds where
     the unpruned study reached the target (``seeds``)."""
     kept = [s for s in per_seed
-            if (s["summary"].get("oracle") or {}).get("cpu_s_at_eval") is not None]
+            if (s["summary"].get("oracle") or {}).get(f"{unit}_at_eval") is not None]
     if not kept:
         return {"ratio_at_eval": None, "seeds": []}
-    costs = [s["summary"]["oracle"]["cpu_s_at_eval"] for s in kept]
-    spent = sum(s["summary"]["none"]["cpu_s_to_target"] for s in kept)
+    costs = [s["summary"]["oracle"][f"{unit}_at_eval"] for s in kept]
+    spent = sum(s["summary"]["none"][f"{unit}_to_target"] for s in kept)
     evals = set.intersection(*(set(c) for c in costs))
     return {"ratio_at_eval": {k: round(sum(c[k] for c in costs) / spent, 3)
                               for k in sorted(evals)},

@@ -38,32 +38,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.setup_logging()
 
-    from search.config import load_search_config, search_config_from_dict, search_config_to_dict
+    from search.config import search_config_from_dict
     from search.launch import launch, parse_gpus
     from search.leaderboard import best_trial, status
     from search.study import create_study, load_study
 
     work = common.work_dir(args, "search")
-    source = "quickstart.yaml" if args.tiny else "search.yaml"
-    raw = search_config_to_dict(load_search_config(common.REPO / "configs" / source))
-    data, corpus = common.data_overrides(args, work)
-    raw["name"] = f"bench-search-{int(time.time())}"
-    raw["overrides"] = {**raw["overrides"], **data, "data.cache_dir": str(work / "cache")}
-    if args.tiny:
-        raw["overrides"].update(
-            {k: v for k, v in common.TINY_OVERRIDES.items() if k not in raw["space"]}
-        )
-        raw["overrides"]["model.max_len"] = 64
-        raw["derive"]["head_dim"] = 16
-        raw["space"]["model.d_model"]["choices"] = [32, 64]
-        for e in raw["enqueue"]:
-            e["model.d_model"] = 64 if e["model.d_model"] == 128 else 32
-    raw["truncation"].update(max_steps=args.max_steps, eval_every=args.eval_every,
-                             eval_subset=args.eval_subset)
-    for key, value in (("train.grad_accum", args.grad_accum),
-                       ("train.eval_max_new_tokens", args.eval_max_new_tokens)):
-        if value is not None:
-            raw["truncation"]["overrides"][key] = value
+    raw, corpus, source = common.report_study_raw(args, work, f"bench-search-{int(time.time())}")
     raw["pruner"]["max_resource"] = None
     raw.update(n_trials=args.n_trials, timeout_s=args.timeout_s)
     cfg = search_config_from_dict(raw)
