@@ -63,7 +63,7 @@ def run_study(wd: Any, url: str, name: str, pruner: str, n_trials: int, seed: in
         rows.append({"number": t.number, "state": t.state.name, "bleu": t.value,
                      "evals": len(t.intermediate_values),
                      "cpu_s": attrs.get("cpu_seconds"), "wall_s": attrs.get("wall_seconds"),
-                     "params": t.params})
+                     "params": t.params, "curve": attrs.get("curve")})
     return sorted(rows, key=lambda r: r["number"])
 
 
@@ -110,7 +110,8 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
         out.setdefault(seed, {})[pruner] = [
             {"number": t.number, "state": t.state.name, "bleu": t.value,
              "evals": len(t.intermediate_values), "cpu_s": t.user_attrs.get("cpu_seconds"),
-             "wall_s": t.user_attrs.get("wall_seconds"), "params": t.params}
+             "wall_s": t.user_attrs.get("wall_seconds"), "params": t.params,
+             "curve": t.user_attrs.get("curve")}
             for t in sorted(trials, key=lambda t: t.number)
             if t.state.is_finished()]
     return out
@@ -165,6 +166,7 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float,
             "wall_s_to_target": time_to_target(rows, target, "wall_s"),
         }
     if "none" in studies:
+        out["signal"] = signal(studies["none"])
         out["oracle"] = oracle(studies["none"], target, out["none"][f"{unit}_to_target"], unit)
     for pruner in studies:
         if pruner == "none":
@@ -176,6 +178,46 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float,
             row[f"ratio_total_{unit}"] = round(row[f"total_{unit}"]
                                                / max(out["none"][f"total_{unit}"], 1e-9), 3)
     return out
+
+
+def signal(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How well each eval ranks the unpruned trials by their final BLEU-4: Spearman's rho of
+    BLEU-4 and of -val loss at eval k against the final BLEU-4, over the complete trials."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["bleu"] is not None
+            and r.get("curve") and r["curve"].get("bleu")]
+    if len(done) < 3:
+        return {}
+    n = min(len(r["curve"]["bleu"]) for r in done)
+    final = [r["bleu"] for r in done]
+    out: dict[str, Any] = {"trials": len(done), "step": done[0]["curve"].get("step", [])[:n]}
+    for key, sign in (("bleu", 1.0), ("val_loss", -1.0)):
+        if all(key in r["curve"] for r in done):
+            out[f"rho_{key}"] = [spearman([sign * r["curve"][key][k] for r in done], final)
+                                 for k in range(n)]
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None when one side is constant."""
+    def ranks(xs: list[float]) -> list[float]:
+        order = sorted(range(len(xs)), key=xs.__getitem__)
+        r = [0.0] * len(xs)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return None if va == 0 or vb == 0 else round(cov / (va * vb) ** 0.5, 3)
 
 
 def oracle(rows: list[dict[str, Any]], target: float, spent: float | None,

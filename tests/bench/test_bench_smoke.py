@@ -247,3 +247,17 @@ def test_scaling(runs: dict[str, Any]) -> None:
     for run in r["runs"]:
         assert run["finished"] == 2 and run["trial_steps"] == 4 and run["trial_steps_per_hour"]
     assert "scaling_2" in r["verdict"] and "scaling_2_met" not in r["verdict"]  # CPU: no target
+
+
+def test_pruning_signal_ranks_the_unpruned_trials() -> None:
+    """Spearman's rho of each eval's BLEU-4 (and -val loss) against the final BLEU-4."""
+    from bench.pruning import signal, spearman
+
+    assert spearman([1, 1, 2, 3], [1, 2, 3, 4]) == 0.949  # scipy.stats.spearmanr: 0.9487
+    assert spearman([0, 0, 0], [1, 2, 3]) is None
+    rows = [{"state": "COMPLETE", "bleu": final,
+             "curve": {"step": [10, 20], "bleu": [early, final], "val_loss": [loss, loss]}}
+            for final, early, loss in [(5.0, 3.0, 2.0), (9.0, 1.0, 1.5), (7.0, 2.0, 1.8)]]
+    s = signal(rows + [{"state": "PRUNED", "bleu": None, "curve": None}])
+    assert s["trials"] == 3 and s["step"] == [10, 20]
+    assert s["rho_bleu"] == [-1.0, 1.0] and s["rho_val_loss"] == [1.0, 1.0]
