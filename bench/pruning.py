@@ -73,6 +73,7 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
     ``amt-search launch`` with one worker, ``len(slots)`` of them at a time (a GPU index each,
     or None: a CPU worker). Returns {seed: {pruner: rows}}."""
     import copy
+    import os
     import subprocess
     import sys
 
@@ -98,9 +99,12 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
         for (_, _, name), slot in wave:
             where = ["--cpu-workers", "1"] if slot is None else ["--gpus", str(slot)]
             log.info("study %s on %s ...", name, "a CPU worker" if slot is None else f"GPU {slot}")
+            # worker index 0 whatever the GPU: a worker's sampler seed is seed + its index
+            # (by default its GPU's), and the studies compared must draw from the same seed
             procs.append(subprocess.Popen([sys.executable, "-m", "search.cli", "launch",
                                            "--study", name, "--storage", url,
-                                           "--progress-every", "60", *where]))
+                                           "--progress-every", "60", *where],
+                                          env={**os.environ, "AMT_WORKER_INDEX": "0"}))
         for proc in procs:
             if proc.wait() != 0:
                 raise SystemExit(f"bench: amt-search launch exited {proc.returncode}")
