@@ -56,6 +56,28 @@ TRUNCATION_KEYS = (
     "data.max_train_pairs",
     "train.out_dir",
 )
+# TrainConfig keys that choose the corpus, its splits or how BLEU-4 is computed: every trial and
+# the promoted run share them (set them in base_config or overrides), or trials' BLEU-4 would
+# not be comparable.
+TASK_KEYS = (
+    "data.source",
+    "data.bible_src",
+    "data.bible_tgt",
+    "data.path",
+    "data.train_path",
+    "data.val_path",
+    "data.test_path",
+    "data.src_field",
+    "data.tgt_field",
+    "data.val_fraction",
+    "data.test_fraction",
+)
+
+
+def _task_key(key: str) -> bool:
+    return key in TASK_KEYS or key.startswith("eval.")
+
+
 _STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 
 
@@ -325,6 +347,10 @@ def load_search_config(path: str | Path) -> SearchConfig:
         base_raw = {**base_raw, "data": _absolute_paths(base_raw["data"], "")}
     if isinstance(raw.get("overrides"), dict):
         raw = {**raw, "overrides": _absolute_paths(raw["overrides"], "data.")}
+    trunc = raw.get("truncation")
+    if isinstance(trunc, dict) and isinstance(trunc.get("overrides"), dict):
+        raw = {**raw, "truncation": {**trunc, "overrides": _absolute_paths(trunc["overrides"],
+                                                                           "data.")}}
     try:
         return search_config_from_dict({**raw, "base_train": base_raw})
     except ConfigError as e:
@@ -367,6 +393,13 @@ def search_config_from_dict(raw: Any, *, stored: bool = False) -> SearchConfig:
     space = _parse_space(space_raw, stored)
     enqueue = _parse_enqueue(enqueue_raw, space)
     cfg = dataclasses.replace(sections, space=space, enqueue=enqueue)
+    for key in cfg.truncation.overrides if not stored else ():
+        if _task_key(key):
+            raise ConfigError(
+                f"truncation.overrides.{key}: it chooses the corpus or how BLEU-4 is scored, "
+                "which the trials and the promoted run must share; set it in base_config or "
+                "overrides"
+            )
     _validate_against_train_config(cfg)
     return cfg
 
@@ -420,6 +453,9 @@ def _parse_param(name: str, raw: Any, stored: bool = False) -> ParamSpec:
     field_type = _train_field_type(name, path)
     if name in TRUNCATION_KEYS:
         raise ConfigError(f"{path}: set by the truncation budget, it cannot be searched")
+    if _task_key(name) and not stored:
+        raise ConfigError(f"{path}: it chooses the corpus or how BLEU-4 is scored, which every "
+                          "trial must share; set it in base_config or overrides")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping (type, low, high ...), got {raw!r}")
     for key in raw:

@@ -13,6 +13,9 @@ Failure handling:
 * ``TrainingFailed`` that cannot be helped by a retry (NaN loss, OOM at the smallest
   micro-batch) ends the trial FAIL with ``fail_reason`` in its user attributes; it is not
   retried (only stale or stopped trials are) and the worker goes on;
+* ``ConfigError`` from the trial's training (the corpus cannot be read or split, the recipe
+  is invalid): every trial would fail the same way, so the trial is re-enqueued and FAIL with
+  ``fail_reason: config``, and the error ends the worker (the command line prints it);
 * SIGTERM (``stop`` set): the next optimiser step raises :class:`WorkerStopped`, ``fit``
   saves, the trial is re-enqueued for retry, and the exception ends the worker's loop;
 * a worker frozen (SIGSTOP) past the grace period finds its trial failed and retried by
@@ -45,7 +48,7 @@ from storage.errors import os_error_in
 from storage.files import atomic_write
 from storage.paths import state_dir
 from trainer.config import TrainConfig
-from trainer.errors import TrainingFailed
+from trainer.errors import ConfigError, TrainingFailed
 
 __all__ = ["DiskFull", "Objective", "PruningCallback", "TrialLost", "WorkerStopped", "run_dir"]
 
@@ -223,6 +226,12 @@ class Objective:
                 log.warning("trial %d failed (%s), not retried: %s", trial.number, e.reason, e)
                 _drop_checkpoints(out_dir)
             trial.set_user_attr("fail_reason", e.reason)
+            trial.set_user_attr("fail_message", str(e))
+            raise
+        except ConfigError as e:  # the corpus or the recipe: every trial would fail so, and the
+            # worker stops; the trial waits in the queue for the fixed run (nothing is lost)
+            _enqueue_retry(trial, bounded=False)
+            trial.set_user_attr("fail_reason", "config")
             trial.set_user_attr("fail_message", str(e))
             raise
         except WorkerStopped as e:

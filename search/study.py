@@ -124,8 +124,17 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
                 optuna.delete_study(study_name=cfg.name, storage=storage)
                 continue
             if skip_if_exists:
-                log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
-                return load_study(cfg.name, storage)[0]
+                study, existing = load_study(cfg.name, storage)
+                changed = _changed_keys(search_config_to_dict(existing), stored)
+                if changed:
+                    log.warning(
+                        "study %s exists with another configuration (%s differ%s): it is "
+                        "left as it is and runs its stored one; to search the new one, use "
+                        "another --study-name or delete the study (optuna delete-study)",
+                        cfg.name, ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
+                else:
+                    log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
+                return study
             raise SearchError(
                 f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
                 "--study-name, pass --skip-if-exists to reuse it, or delete it "
@@ -148,6 +157,15 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
         len(cfg.enqueue),
     )
     return study
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two stored configs (name excluded)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new), key=str)
+                if not (prefix == "" and key == "name")
+                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def _half_made(storage: optuna.storages.BaseStorage, name: str) -> bool:

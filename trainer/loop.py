@@ -54,7 +54,7 @@ from trainer import attention, gelu, metrics
 from trainer import loss as loss_kernels
 from trainer import norm as norm_kernels
 from trainer.config import FUSED_COMPILED_MIN_TOKENS, TrainConfig, config_to_dict
-from trainer.data import IGNORE_INDEX, Batch, PreparedData, Split, prepare
+from trainer.data import IGNORE_INDEX, Batch, PreparedData, Split, describe_corpus, prepare
 from trainer.decode import generate
 from trainer.errors import ConfigError, TrainingFailed
 from trainer.model import MLP, Block, DecoderLM
@@ -379,7 +379,8 @@ class Run:
 
         self.data: PreparedData = prepare(cfg.data)
         if len(self.data.val) == 0:
-            raise ConfigError("the validation split is empty (data.val_fraction / data.val_path)")
+            raise ConfigError(f"the validation split of {describe_corpus(cfg.data)} is empty: "
+                              "raise data.val_fraction or give data.val_path")
         self.eval_pairs = self.data.val[: cfg.train.eval_subset]
         self.max_new_ratio = decode_ratio(cfg.train.eval_max_new_ratio, self.data.train)
         if self.rank == 0 and self.max_new_ratio > cfg.train.eval_max_new_ratio > 0:

@@ -58,12 +58,19 @@ def _is_han(o: int) -> bool:
             or 0x20000 <= o <= 0x2FA1F)
 
 
+def _is_unspaced(o: int) -> bool:
+    """Thai, Lao, Myanmar (Burmese), Khmer: scripts written without spaces between words
+    (their spaces part phrases, so word length alone does not tell them apart)."""
+    return 0x0E00 <= o <= 0x0EFF or 0x1000 <= o <= 0x109F or 0x1780 <= o <= 0x17FF
+
+
 def auto_tokenize(references: Iterable[str]) -> str:
     """sacrebleu's tokeniser for these reference texts: ``char`` when kana make up 5 % of the
     letters (Japanese; WMT's ``ja-mecab`` needs MeCab, which is not installed by default),
-    ``zh`` when Han characters make up 30 % (Chinese), ``char`` when words run longer than 12
-    letters between spaces on average (Thai, Khmer, Lao, Burmese...), else ``13a``."""
-    letters = kana = han = words = 0
+    ``zh`` when Han characters make up 30 % (Chinese), ``char`` when Thai, Lao, Burmese or
+    Khmer letters make up 30 %, or when words run longer than 12 letters between spaces on
+    average (other scripts written without spaces), else ``13a``."""
+    letters = kana = han = unspaced = words = 0
     for text in references:
         words += len(text.split())
         for ch in text:
@@ -72,12 +79,15 @@ def auto_tokenize(references: Iterable[str]) -> str:
                 o = ord(ch)
                 kana += _is_kana(o)
                 han += _is_han(o)
+                unspaced += _is_unspaced(o)
     if not letters:
         return "13a"
     if kana >= 0.05 * letters:
         return "char"
     if han >= 0.3 * letters:
         return "zh"
+    if unspaced >= 0.3 * letters:
+        return "char"
     if letters > 12 * max(words, 1):
         return "char"
     return "13a"

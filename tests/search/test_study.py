@@ -27,7 +27,7 @@ from search.worker import run_worker
 from storage import open_storage
 from storage.checkpoints import latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig, load_config
-from trainer.errors import TrainingFailed
+from trainer.errors import ConfigError, TrainingFailed
 from trainer.loop import FitResult
 
 pytestmark = pytest.mark.usefixtures("storage_url")
@@ -86,6 +86,42 @@ def test_relative_corpus_paths_are_stored_absolute(
     create_study(load_search_config(path))
     monkeypatch.chdir("/")  # a worker started elsewhere finds the same file
     assert load_study("tiny")[1].base_train["data"]["path"] == str(corpus)
+
+
+def test_skip_if_exists_warns_when_the_config_changed(
+    write_search: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    create_study(load_search_config(write_search()))
+    create_study(load_search_config(write_search()), skip_if_exists=True)
+    assert "another configuration" not in caplog.text
+    changed = load_search_config(write_search(n_trials=9))
+    assert len(create_study(changed, skip_if_exists=True).trials) == 3  # the stored one kept
+    assert "study tiny exists with another configuration (n_trials differ)" in caplog.text
+    assert load_study("tiny")[1].n_trials == 8
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_a_corpus_broken_after_create_study_loses_no_trial(
+    write_search: Callable[..., Path], tmp_path: Path
+) -> None:
+    """The corpus goes missing between create-study and the worker: the worker stops with the
+    one-line error, its trial records why and goes back to the queue, and a worker run after
+    the fix finds every warm start still there."""
+    path = write_search()
+    create_study(load_search_config(path))
+    corpus = Path(yaml.safe_load((tmp_path / "train.yaml").read_text())["data"]["path"])
+    saved = corpus.read_bytes()
+    corpus.unlink()
+    with pytest.raises(ConfigError, match="file not found"):
+        run_worker("tiny", gpu=None, n_trials=1)
+    study, _ = load_study("tiny")
+    t0 = study.trials[0]
+    assert t0.state == TrialState.FAIL and t0.user_attrs["fail_reason"] == "config"
+    assert "file not found" in t0.user_attrs["fail_message"]
+    retry = study.trials[-1]
+    assert retry.state == TrialState.WAITING and retry.params == t0.params
+    assert count_trials(study.trials).failed == 0  # retried: the study lost nothing
+    corpus.write_bytes(saved)
 
 
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:

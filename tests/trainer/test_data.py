@@ -302,6 +302,64 @@ def test_missing_and_undecodable_files(tmp_path: Path) -> None:
 # caches
 
 
+def test_encodings_and_non_files_say_what_to_do(tmp_path: Path) -> None:
+    import gzip
+    import os
+
+    from trainer.data import check_corpus
+
+    gz = tmp_path / "c.tsv.gz"
+    gz.write_bytes(gzip.compress(b"a\tb\n" * 20))
+    with pytest.raises(ConfigError, match=r"c.tsv.gz line 1: not UTF-8 .*gzip-compressed; "
+                       r"decompress it first"):
+        check_corpus(DataConfig(source="tsv", path=str(gz)))
+    u16 = tmp_path / "u16.tsv"
+    u16.write_bytes("a\tb\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"u16.tsv line 1: not UTF-8 .*UTF-16; convert"):
+        check_corpus(DataConfig(source="tsv", path=str(u16)))
+    fifo = tmp_path / "fifo.tsv"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"data.path: .*fifo.tsv: not a regular file"):
+        check_corpus(DataConfig(source="tsv", path=str(fifo)))
+
+
+def test_check_corpus_reads_and_splits_the_files(tmp_path: Path) -> None:
+    """create-study's check: a corpus too small for a validation split is refused then, with
+    the file and the fraction named, not in the first trial."""
+    from trainer.data import check_corpus
+
+    five = write_tsv(tmp_path / "five.tsv", tiny_pairs(5))
+    with pytest.raises(ConfigError, match=r"data.path: .*five.tsv: the validation split is "
+                       r"empty \(5 pairs, data.val_fraction 0.02"):
+        check_corpus(DataConfig(source="tsv", path=str(five)))
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("a\tb\n" * 50 + "no tab here\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad.tsv line 51"):
+        check_corpus(DataConfig(source="tsv", path=str(bad)))
+    check_corpus(DataConfig(source="tsv", path=str(write_tsv(tmp_path / "ok.tsv",
+                                                             tiny_pairs(400)))))
+
+
+def test_blank_sided_tsv_lines_are_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                           ) -> None:
+    path = tmp_path / "sides.tsv"
+    path.write_text("a\tb\n\n   \n\t\n  \t \nc\td\n", encoding="utf-8")
+    assert load_corpus(DataConfig(source="tsv", path=str(path), val_fraction=0.0,
+                                  test_fraction=0.0)).train == [("a", "b"), ("c", "d")]
+    assert "2 line(s) with an empty side skipped (line 4, 5)" in caplog.text
+
+
+def test_many_cut_pairs_are_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Pairs longer than data.max_*_tokens are cut: above a fifth of them, BLEU-4 is capped
+    and the log says which limit to raise."""
+    long = [(f"w{i} " * 3, " ".join(f"mot{i}x{j}" for j in range(40))) for i in range(300)]
+    path = write_tsv(tmp_path / "long.tsv", long)
+    cfg = DataConfig(source="tsv", path=str(path), vocab_size=300, max_src_tokens=64,
+                     max_tgt_tokens=16, cache_dir=str(tmp_path / "cache"))
+    prepare(cfg)
+    assert "of the targets than data.max_tgt_tokens=16; they are cut" in caplog.text
+
+
 def test_unreadable_cache_file_is_rebuilt(tmp_path: Path) -> None:
     path = write_tsv(tmp_path / "c.tsv", tiny_pairs(80))
     cfg = DataConfig(source="tsv", path=str(path), vocab_size=300, cache_dir=str(tmp_path / "k"))

@@ -35,6 +35,12 @@ def test_ndd_is_normalised_word_edit_distance() -> None:
     ("起初， 神创造天地。", "zh"),
     ("初めに、神が天と地を創造した。", "char"),
     ("ในปฐมกาลพระเจ้าทรงเนรมิตสร้างฟ้าและแผ่นดินโลก", "char"),
+    # spaces between phrases, not words: short "words", still scored by character
+    ("ในปฐมกาล พระเจ้าทรงเนรมิตสร้างฟ้าและแผ่นดิน", "char"),
+    ("នៅដើមដំបូង ព្រះជាម្ចាស់បានបង្កើតផ្ទៃមេឃ និងផែនដី។", "char"),
+    ("အစအဦး၌ ဘုရားသခင်သည် ကောင်းကင်နှင့် မြေကြီးကို ဖန်ဆင်းတော်မူ၏။", "char"),
+    ("ໃນປະຖົມມະການ ພຣະເຈົ້າໄດ້ສ້າງ", "char"),
+    ("आदि में परमेश्वर ने आकाश और पृथ्वी की सृष्टि की।", "13a"),
     ("", "13a"),
 ])
 def test_auto_tokenize_picks_by_script(text: str, expected: str) -> None:

@@ -142,8 +142,9 @@ def export_tsv(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
 
 
 def check_corpus(cfg: DataConfig) -> None:
-    """Cheap checks that ``cfg``'s corpus can be read (before a study's first trial): the
-    Bible translations exist, the files exist and are files. Raises ConfigError."""
+    """Check that ``cfg``'s corpus can be read (before a study's first trial): the Bible
+    translations exist; files exist, decode, parse and give non-empty training and
+    validation splits (they are read and split, without tokenising). Raises ConfigError."""
     if cfg.source == "bible":
         _check_bible_codes(cfg)
         return
@@ -154,8 +155,19 @@ def check_corpus(cfg: DataConfig) -> None:
         path = Path(value).expanduser()
         if not path.exists():
             raise ConfigError(f"data.{key}: {path}: file not found")
-        if not path.is_file():
+        if path.is_dir():
             raise ConfigError(f"data.{key}: {path}: is a directory, expected a file")
+        if not path.is_file():
+            raise ConfigError(f"data.{key}: {path}: not a regular file (a pipe or a device?): "
+                              "the corpus is read more than once, give a file")
+    splits = _file_splits(cfg)
+    if not splits["val"]:
+        key = "data.path" if cfg.path else "data.train_path"
+        n = len(splits["train"]) + len(splits["test"])
+        raise ConfigError(
+            f"{key}: {cfg.path or cfg.train_path}: the validation split is empty ({n} pairs, "
+            f"data.val_fraction {cfg.val_fraction} of them gave none): add pairs, raise "
+            "data.val_fraction or give data.val_path")
 
 
 def describe_corpus(cfg: DataConfig) -> str:
@@ -274,8 +286,8 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
     pairs = []
     one_sided = []
     for number, line in _numbered_lines(key, path):
-        if not line.strip():
-            continue
+        if not line.strip() and (cfg.source != "tsv" or "\t" not in line):
+            continue  # a blank line (a TSV line with a tab but blank sides is one-sided)
         try:
             src, tgt = parse(line)
         except ValueError as e:
@@ -302,7 +314,8 @@ def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     where = f"{key}: {path} line {number}"
-                    raise ConfigError(f"{where}: not UTF-8 ({e.reason})") from None
+                    hint = _encoding_hint(raw, number)
+                    raise ConfigError(f"{where}: not UTF-8 ({e.reason}){hint}") from None
                 yield number, line.rstrip("\r\n")
     except FileNotFoundError:
         raise ConfigError(f"{key}: {path}: file not found") from None
@@ -310,6 +323,15 @@ def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
         raise ConfigError(f"{key}: {path}: is a directory, expected a file") from None
     except PermissionError:
         raise ConfigError(f"{key}: {path}: permission denied") from None
+
+
+def _encoding_hint(raw: bytes, number: int) -> str:
+    """What the bytes of a line that is not UTF-8 look like, and what to do about it."""
+    if number == 1 and raw.startswith(b"\x1f\x8b"):
+        return ": the file is gzip-compressed; decompress it first (gunzip)"
+    if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return ": the file is UTF-16; convert it (iconv -f UTF-16 -t UTF-8 IN > OUT)"
+    return ": convert the file to UTF-8 (e.g. iconv -f latin1 -t UTF-8 IN > OUT)"
 
 
 def _write_tsv(f: IO[bytes], pairs: list[Pair]) -> None:

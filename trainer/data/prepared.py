@@ -155,10 +155,29 @@ def prepare(data_cfg: DataConfig) -> PreparedData:
         len(data.train), len(data.val), len(data.test), data.vocab_size, data.prepare_s,
         f" (built {', '.join(data.built)})" if data.built else " (cached)",
     )
+    _warn_cut(arrays, data_cfg)
     _MEMO[memo_key] = data
     while len(_MEMO) > _MEMO_SIZE:
         del _MEMO[next(iter(_MEMO))]  # the oldest
     return data
+
+
+CUT_WARN = 0.2  # of the training pairs (the quickstart cuts 15 % of its French targets)
+
+
+def _warn_cut(arrays: dict[str, np.ndarray], cfg: DataConfig) -> None:
+    """Warn when many training pairs are longer than ``data.max_src_tokens`` /
+    ``max_tgt_tokens`` (scripts of many bytes per character, a small vocabulary): they are
+    cut, the model never sees their ends, and BLEU-4 is capped."""
+    cut = {side: float(np.mean(arrays[f"train_{side}_len"] > limit)) if
+           len(arrays[f"train_{side}_len"]) else 0.0
+           for side, limit in (("src", cfg.max_src_tokens), ("tgt", cfg.max_tgt_tokens))}
+    if max(cut.values()) > CUT_WARN:
+        log.warning(
+            "data: %.0f %% of the training sources are longer than data.max_src_tokens=%d and "
+            "%.0f %% of the targets than data.max_tgt_tokens=%d; they are cut, which caps "
+            "BLEU-4: raise those limits (and model.max_len) or data.vocab_size",
+            100 * cut["src"], cfg.max_src_tokens, 100 * cut["tgt"], cfg.max_tgt_tokens)
 
 
 def clear_memo() -> None:
