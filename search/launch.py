@@ -124,7 +124,7 @@ def launch(
         specs.append((f"cpu{k}", [*base, "--cpu", "--worker-index", str(k)], env))
     workers = [
         _Worker(
-            name, subprocess.Popen(cmd, env=e, start_new_session=True, preexec_fn=_die_with_parent)
+            name, subprocess.Popen(cmd, env=e, start_new_session=True, preexec_fn=die_with_parent)
         )
         for name, cmd, e in specs
     ]
@@ -183,7 +183,7 @@ def _progress_line(study: optuna.Study, n_trials: int | None, workers: list[_Wor
     )
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the launcher dies (Linux prctl)."""
     if sys.platform.startswith("linux"):
         pr_set_pdeathsig = 1

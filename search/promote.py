@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from search.config import full_run_dict
 from search.errors import SearchError
+from search.launch import die_with_parent
 from search.study import load_study
 from storage import mask_url, resolve_url
 from storage.checkpoints import latest_checkpoint
@@ -85,7 +86,10 @@ def promote(
     )
     if not path.name or path.is_dir():
         raise SearchError(f"--out {str(out)!r}: not a file name — give a .yaml file to write")
-    if path.exists() and not path.read_text(errors="replace").startswith("# Full run of trial"):
+    if path.exists() and not path.is_file():
+        raise SearchError(f"--out {path}: not a regular file (a device or a pipe?) — give a "
+                          ".yaml file to write")
+    if path.exists() and not _written_by_promote(path):
         raise SearchError(f"--out {path}: the file exists and was not written by "
                           "'amt-search promote' — remove it or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,6 +97,11 @@ def promote(
     atomic_write(path, lambda f: f.write(text.encode()), mode=0o644)
     log.info("wrote %s (run directory %s)", path, out_dir)
     return path
+
+
+def _written_by_promote(path: Path) -> bool:
+    with path.open("rb") as f:  # the header only: the file may be anything
+        return f.read(64).startswith(b"# Full run of trial")
 
 
 def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, str]]:
@@ -118,8 +127,9 @@ def run_training(config: Path, gpus: list[int]) -> int:
     where = f"GPUs {','.join(map(str, gpus))}" if gpus else "CPU"
     log.info("training on %s: %s", where, " ".join(cmd))
     # its own session: a terminal's Ctrl-C reaches it once, through this process (twice would
-    # be amt-train's "stop now")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # be amt-train's "stop now"); SIGTERM (it saves) if this process dies, so that no orphan
+    # trains on into the run directory that a second promote --run would resume
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     signals = [sig for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
                if signal.getsignal(sig) is not signal.SIG_IGN]  # nohup stays nohup
     previous = {sig: signal.getsignal(sig) for sig in signals}

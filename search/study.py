@@ -193,7 +193,8 @@ def load_study(
         SearchError: no such study (the message lists the existing ones), or the study was
             not made by ``amt-search create-study`` (no stored config).
     """
-    rdb = storage if isinstance(storage, optuna.storages.BaseStorage) else open_storage(storage)
+    rdb = (storage if isinstance(storage, optuna.storages.BaseStorage)
+           else open_storage(storage, create=False))
     cfg = _stored_config(rdb, name)
     # a restarted worker (same index) must not draw the trials it drew before: the seed also
     # counts the study's trials (a fresh study's are its warm starts, so a run is repeatable)
@@ -209,7 +210,7 @@ def load_study(
 
 def open_worker_storage(name: str, storage_url: str | None = None) -> Any:
     """The storage opened with study ``name``'s heartbeat interval and grace period."""
-    return _open(storage_url, _stored_config(open_storage(storage_url), name))
+    return _open(storage_url, _stored_config(open_storage(storage_url, create=False), name))
 
 
 def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:

@@ -269,6 +269,8 @@ def _handle_signals(stop: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # (nohup: keep ignoring it)
+        signal.signal(signal.SIGHUP, handler)  # the terminal or SSH session closed
 
 
 class _ExpectedFailures(logging.Filter):

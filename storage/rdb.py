@@ -83,9 +83,12 @@ def open_storage(
     idle_in_transaction_timeout_s: float = 60.0,
     connect_timeout_s: int = 10,
     retry_for_s: float = 600.0,
+    create: bool = True,
 ) -> RDBStorage:
     """Open the study storage: ``url``, else ``$AMT_STORAGE_URL``, else the embedded
-    PostgreSQL (started or joined). Creates the schema on first use.
+    PostgreSQL (started or joined). Creates the schema on first use; with ``create=False``
+    (commands that only read or join studies) a database without it raises StorageError
+    and is left as it is.
 
     ``n_workers`` is the number of threads of this process that run trials (``n_jobs``); each
     needs a connection, and one more for its heartbeat. Keep ``grace_period`` above
@@ -108,7 +111,7 @@ def open_storage(
     connect_args = _connect_args(
         resolved, lock_timeout_s, idle_in_transaction_timeout_s, connect_timeout_s
     )
-    create_schema(resolved, connect_timeout_s=connect_timeout_s)
+    create_schema(resolved, connect_timeout_s=connect_timeout_s, create=create)
     engine_kwargs: dict[str, Any] = {
         "pool_pre_ping": True,
         "pool_size": 2 * n_workers,  # a trial thread and its heartbeat thread per worker
@@ -149,8 +152,10 @@ def open_storage(
             raise connect_error(resolved, e) from None
 
 
-def create_schema(url: str | None = None, *, connect_timeout_s: int = 10) -> None:
-    """Create Optuna's tables (and our trial-token index) unless they exist.
+def create_schema(url: str | None = None, *, connect_timeout_s: int = 10,
+                  create: bool = True) -> None:
+    """Create Optuna's tables (and our trial-token index) unless they exist (``create=False``:
+    raise StorageError instead, naming the database, and change nothing).
 
     Serialised by a PostgreSQL advisory lock: many processes may call it at once on a fresh
     database; one creates, the others wait and find it done. Raises StorageError when the
@@ -175,6 +180,11 @@ def create_schema(url: str | None = None, *, connect_timeout_s: int = 10) -> Non
         with conn:
             if _schema_ready(conn):
                 return
+            if not create:
+                raise StorageError(
+                    f"no amt-search studies at {where(resolved)}: the database has no study "
+                    "tables — check --storage / $AMT_STORAGE_URL, or create a study first "
+                    "(amt-search create-study)")
             conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _SCHEMA_LOCK})
             try:
                 if not _schema_ready(conn):

@@ -489,6 +489,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
         raise ConfigError(f"{p}: {e}") from None
 
 
+MAX_YAML_BYTES = 16 * 2**20
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file.
 
@@ -498,7 +501,11 @@ def read_yaml(path: str | Path) -> Any:
     """
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:  # bounded: /dev/zero or a huge file is not a config
+            data = f.read(MAX_YAML_BYTES + 1)
+        if len(data) > MAX_YAML_BYTES:
+            raise ConfigError(f"{p}: larger than {MAX_YAML_BYTES // 2**20} MiB: not a config")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {p}") from None
     except UnicodeDecodeError as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from storage.checkpoints import (
+    MANIFEST,
     checkpoint_sha256,
     load_checkpoint,
     save_checkpoint,
@@ -140,16 +142,40 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
         Exception: whatever a callback raised, after a checkpoint was saved (unless the
             exception's ``checkpoint`` attribute is False).
     """
-    _checkpoint_to_resume(Path(cfg.train.out_dir), resume, quiet=True)  # before the data
-    owns_group = _init_distributed()
+    out_dir = Path(cfg.train.out_dir)
+    made = not out_dir.exists()
+    lock = _lock_run_dir(out_dir) if os.environ.get("RANK", "0") == "0" else None
     try:
-        result = Run(cfg, list(callbacks)).fit(resume)
-        if owns_group:  # sync: rank 0 finishes alone (test split, result.json); a rank that
-            dist.barrier()  # tore the group down first once made gloo abort rank 0 (CI)
-        return result
+        _checkpoint_to_resume(out_dir, resume, quiet=True)  # before the data
+        owns_group = _init_distributed()
+        try:
+            result = Run(cfg, list(callbacks)).fit(resume)
+            if owns_group:  # sync: rank 0 finishes alone (test split, result.json); a rank
+                dist.barrier()  # that tore the group down first once made gloo abort rank 0
+            return result
+        finally:
+            if owns_group:
+                dist.destroy_process_group()
     finally:
-        if owns_group:
-            dist.destroy_process_group()
+        if lock is not None:
+            os.close(lock)
+        if made:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # made here and still empty: the run stopped before it began
+
+
+def _lock_run_dir(out_dir: Path) -> int:
+    """An exclusive lock on ``out_dir`` (flock on the directory, released when the process
+    ends however it ends): a second run into it would interleave checkpoints and metrics."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"train.out_dir={out_dir} is in use by another run: wait for it to "
+                          "finish or stop it, or choose another out_dir") from None
+    return fd
 
 
 _LOGGED: set[tuple[str, str]] = set()  # BLEU tokenisations already logged by this process
@@ -194,6 +220,13 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool, quiet: bool = False) -> P
     Raises ConfigError when ``out_dir`` holds checkpoints and ``resume`` is off, and
     CheckpointError when it holds checkpoints of which none verifies."""
     listed = verify(out_dir) if out_dir.exists() else []
+    unlisted = sorted(out_dir.glob("ckpt_*.pt")) if out_dir.is_dir() and not listed else []
+    if unlisted:  # a start from scratch would delete them with the run's files
+        raise CheckpointError(
+            f"{out_dir} holds checkpoint files ({unlisted[-1].name} the newest of "
+            f"{len(unlisted)}) but no {MANIFEST} listing them (deleted?): they cannot be "
+            "verified, so they are neither resumed nor overwritten — restore the manifest, "
+            "or move them away or choose another out_dir")
     if listed and not resume:
         raise ConfigError(f"train.out_dir={out_dir} already holds checkpoints; "
                           "resume it (--resume) or choose another out_dir")

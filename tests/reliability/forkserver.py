@@ -25,7 +25,7 @@ from types import FrameType
 import search.cli  # noqa: F401  (importing once is the point)
 import search.worker  # noqa: F401
 import trainer.loop  # noqa: F401
-from search.launch import _die_with_parent
+from search.launch import die_with_parent
 
 
 def _emit(obj: dict[str, int]) -> None:
@@ -45,7 +45,7 @@ def _reap(signum: int, frame: FrameType | None) -> None:
 
 def _child(request: dict[str, object]) -> None:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    _die_with_parent()  # SIGTERM when this server dies (it dies with the test session)
+    die_with_parent()  # SIGTERM when this server dies (it dies with the test session)
     os.setsid()
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)

@@ -92,7 +92,7 @@ def storage_url(new_database: Callable[[], str], tmp_path: Path,  # noqa: F811
 @pytest.fixture
 def restore_signals() -> Iterator[None]:
     """``run_worker`` installs SIGTERM/SIGINT handlers; put the test runner's back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     cuda = os.environ.get("CUDA_VISIBLE_DEVICES")
     yield
     for s, h in saved.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from storage.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint, verify
+from storage.errors import CheckpointError
 from tests.trainer.synthetic import tiny_config, write_task
 from trainer import FitResult, fit
 from trainer.config import TrainConfig
@@ -154,6 +156,40 @@ def test_resume_refuses_another_corpus_or_optimiser_layout(task: Path, tmp_path:
     flat = tiny_config(task, tmp_path / "run", **{"optim.layer_lr_decay": 1.0})
     with pytest.raises(ConfigError, match="optimiser state .* does not fit this run's optim"):
         fit(flat, resume=True)
+
+
+def test_checkpoints_without_their_manifest_are_kept(task: Path, tmp_path: Path) -> None:
+    """A run directory whose manifest.json was deleted: its checkpoint files cannot be
+    verified, and a start from scratch would delete them, so fit refuses both ways."""
+    cfg = tiny_config(task, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [StopAt(4)])
+    (tmp_path / "run" / "manifest.json").unlink()
+    files = sorted((tmp_path / "run").glob("ckpt_*.pt"))
+    for resume in (True, False):
+        with pytest.raises(CheckpointError, match=r"holds checkpoint files \(ckpt_0+4.pt the "
+                           r"newest of \d\) but no manifest.json listing them"):
+            fit(cfg, resume=resume)
+    assert sorted((tmp_path / "run").glob("ckpt_*.pt")) == files
+
+
+def test_a_run_directory_in_use_is_refused(task: Path, tmp_path: Path) -> None:
+    """Two runs into one out_dir would interleave checkpoints: the second is refused while
+    the first holds the directory, and a run that fails before training leaves no directory
+    it made."""
+    from trainer.loop import _lock_run_dir
+
+    cfg = tiny_config(task, tmp_path / "run")
+    held = _lock_run_dir(tmp_path / "run")
+    try:
+        with pytest.raises(ConfigError, match=r"train.out_dir=.*run is in use by another run"):
+            fit(cfg)
+    finally:
+        os.close(held)
+    bad = tiny_config(task, tmp_path / "new", **{"data.path": str(tmp_path / "nope.tsv")})
+    with pytest.raises(ConfigError, match="file not found"):
+        fit(bad)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_callback_can_stop_without_a_checkpoint(task: Path, tmp_path: Path) -> None:
