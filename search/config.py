@@ -618,8 +618,11 @@ def _validate_against_train_config(cfg: SearchConfig) -> None:
         trial_train_config(cfg, {}, out_dir="trial")
     except ConfigError as e:
         raise ConfigError(f"base_config + overrides: {e}") from None
-    for p in cfg.space:
-        for end, value in zip(("low", "high"), p.extremes(), strict=True):
+    for p in cfg.space:  # every choice of a categorical, the two ends of a range
+        points = ([(f"choices[{i}]", c) for i, c in enumerate(p.choices)]
+                  if p.type == "categorical"
+                  else list(zip(("low", "high"), p.extremes(), strict=True)))
+        for end, value in points:
             try:
                 trial_train_config(cfg, {p.name: value}, out_dir="trial")
             except ConfigError as e:

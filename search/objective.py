@@ -199,7 +199,13 @@ class Objective:
         out_dir = run_dir(trial.study.study_name, trial.number)
         resume = self._prepare_run_dir(trial, out_dir)
         name = f"{trial.study.study_name}-trial-{trial.number}"
-        train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir, name=name)
+        try:
+            train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir, name=name)
+        except ConfigError as e:  # a combination of values create-study could not check
+            trial.set_user_attr("fail_reason", "invalid_params")
+            trial.set_user_attr("fail_message", str(e))
+            log.warning("trial %d failed (invalid_params), not retried: %s", trial.number, e)
+            raise TrainingFailed(f"trial {trial.number}: {e}", reason="invalid_params") from None
         trial.set_user_attr("run_dir", str(out_dir))
         trial.set_user_attr("n_params", _n_params(train_cfg))
         log.info(

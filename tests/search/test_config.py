@@ -72,6 +72,9 @@ BAD = [
     ({"space|optim.lr|scale": "log"}, "unknown key 'space.optim.lr.scale'"),
     ({"space|model.d_model|choices": []}, "space.model.d_model.choices must be a non-empty"),
     ({"space|model.d_model|choices": [32, "big"]}, "space.model.d_model.choices[1] must be"),
+    ({"space": {"model.n_heads": {"type": "categorical", "choices": [2, 3, 4]}},
+      "enqueue": _DELETE},  # every choice is checked, not only the two ends
+     "space.model.n_heads.choices[1]=3: model.d_model=32 is not divisible by model.n_heads=3"),
     ({"space|model.d_model|choices": [32, 64, 40]},
      "choice 40 is not a multiple of derive.head_dim"),
     ({"space|model.d_model|low": 32}, "space.model.d_model.low: a categorical parameter"),

@@ -124,6 +124,29 @@ def test_a_corpus_broken_after_create_study_loses_no_trial(
     corpus.write_bytes(saved)
 
 
+@pytest.mark.usefixtures("restore_signals")
+def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each value passes create-study's checks alone; together they make no model: that
+    trial fails (not retried) and the worker runs the next one."""
+    calls: list[tuple[TrainConfig, bool]] = []
+    monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
+    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
+             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
+    create_study(load_search_config(write_search(space=space, enqueue=None, n_trials=2)))
+    study, _ = load_study("tiny")
+    study.enqueue_trial({"model.d_model": 36, "model.n_heads": 8})  # 36 heads of 4.5
+    study.enqueue_trial({"model.d_model": 32, "model.n_heads": 8})
+    assert run_worker("tiny", gpu=None) == 0
+    trials = load_study("tiny")[0].trials
+    assert trials[0].state == TrialState.FAIL
+    assert trials[0].user_attrs["fail_reason"] == "invalid_params"
+    assert "model.d_model=36 is not divisible by model.n_heads=8" in (
+        trials[0].user_attrs["fail_message"])
+    assert trials[1].state == TrialState.COMPLETE and len(trials) == 2
+
+
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
     create_study(load_search_config(write_search()))
     study, _ = load_study("tiny", worker_index=0)
