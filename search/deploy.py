@@ -181,6 +181,9 @@ def worker_gpus(service: dict[str, Any]) -> list[str]:
     return [str(i) for device in devices for i in device.get("device_ids", [])]
 
 
+MAX_GPUS = 64  # per host (one compose file runs on one Docker host)
+
+
 def compose_override(base: dict[str, Any], n_gpus: int) -> dict[str, Any]:
     """Services to add to ``base`` so that it runs exactly one worker on each of GPUs 0..N-1.
 
@@ -249,9 +252,15 @@ def _run_compose(args: argparse.Namespace) -> int:
             f"cannot read {base_path} ({e.strerror}) — run from the repository root or pass --base"
         ) from e
     except yaml.YAMLError as e:
-        raise SearchError(f"{base_path} is not valid YAML ({e}) — fix it or pass --base") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise SearchError(f"{base_path} is not valid YAML{where} ({problem}) — fix it or pass "
+                          "--base") from None
     if not isinstance(base, dict):
         raise SearchError(f"{base_path} is not a compose file (no services) — pass --base")
+    if args.gpus > MAX_GPUS:
+        raise SearchError(f"--gpus {args.gpus}: more than {MAX_GPUS} GPUs on one host")
     text = render_override(compose_override(base, args.gpus), args.gpus, str(base_path))
     if args.out == "-":
         sys.stdout.write(text)

@@ -90,6 +90,9 @@ class _Worker:
     proc: subprocess.Popen[bytes]
 
 
+MAX_WORKERS_PER_CORE = 4
+
+
 def launch(
     study_name: str,
     *,
@@ -107,8 +110,17 @@ def launch(
     """
     if not gpus and cpu_workers <= 0:
         raise SearchError("nothing to launch: give --gpus all|0,1,... or --cpu-workers K")
+    cores = os.cpu_count() or 1
+    if cpu_workers > MAX_WORKERS_PER_CORE * cores:
+        raise SearchError(f"--cpu-workers {cpu_workers}: more than {MAX_WORKERS_PER_CORE} per "
+                          f"CPU core ({cores} here); each worker trains a model of its own")
     url = resolve_url(storage_url)  # one server for all (starts the embedded one once)
     study, cfg = load_study(study_name, url)
+    counts = count_trials(study.get_trials(deepcopy=False))
+    if cfg.n_trials is not None and counts.finished >= cfg.n_trials and not counts.waiting:
+        print(f"[launch] study {study_name} is done: {counts.finished}/{cfg.n_trials} trials "
+              f"finished — see amt-search status --study {study_name}", flush=True)
+        return 0
     base = [sys.executable, "-m", "search.cli", "worker", "--study", study_name, "--storage", url]
     if n_trials_per_worker is not None:
         base += ["--n-trials", str(n_trials_per_worker)]

@@ -95,13 +95,25 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         return
+    previous = check_run_dirs(study_name, storage_where)
+    if previous != owner:  # an earlier study of this name in this storage (deleted), or unread
+        atomic_write(marker, lambda f: f.write(text.encode()), mode=0o644)
+
+
+def check_run_dirs(study_name: str, storage_where: str) -> Any:
+    """The owner recorded in ``runs/<study_name>`` (None when there is none); SearchError
+    when it is a study of that name in another storage. Writes nothing (create-study asks
+    before it makes the study)."""
+    root = state_dir() / "runs" / study_name
+    marker = root / OWNER_FILE
     previous: Any = None
-    for _ in range(50):  # the first claimant may be writing it this moment
+    for _ in range(50 if marker.exists() else 0):  # a first claimant may be writing it now
         try:
             previous = json.loads(marker.read_text())
             break
         except (OSError, ValueError):
             time.sleep(0.1)
+
     def server(text: Any) -> str:  # "PostgreSQL <system id>/<db> (<host:port/db>)" -> id/db
         return str(text).split(" (")[0]
 
@@ -111,8 +123,7 @@ def claim_run_dirs(study_name: str, storage_where: str, study_id: int) -> None:
             f"{root} holds the trial runs of study '{study_name}' in another storage "
             f"({previous['storage']}): this study's trials would overwrite them — give it "
             "another name (create-study --study-name), or set AMT_HOME to another directory")
-    if previous != owner:  # an earlier study of this name in this storage (deleted), or unread
-        atomic_write(marker, lambda f: f.write(text.encode()), mode=0o644)
+    return previous
 
 
 def suggest(trial: optuna.Trial, p: ParamSpec) -> Any:

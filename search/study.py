@@ -79,6 +79,11 @@ def create_study(
         raise SearchError(f"the search config is {size:,} bytes as JSON, more than "
                           f"{MAX_CONFIG_BYTES:,}: keep meta and overrides small")
     storage = _open(storage_url, cfg)
+    from search.objective import check_run_dirs
+    from storage.rdb import storage_identity
+
+    check_run_dirs(cfg.name, storage_identity(storage))  # before the study exists: its
+    # workers would refuse to run (another database's study of this name ran here)
     with _creation_lock(storage, cfg.name):  # a concurrent create-study waits, then sees it
         return _create(storage, cfg, storage_url, stored, skip_if_exists)
 

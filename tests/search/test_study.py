@@ -126,7 +126,8 @@ def test_a_corpus_broken_after_create_study_loses_no_trial(
 
 @pytest.mark.usefixtures("restore_signals")
 def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
-    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Each value passes create-study's checks alone; together they make no model: that
     trial fails (not retried) and the worker runs the next one."""
@@ -145,6 +146,10 @@ def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     assert "model.d_model=36 is not divisible by model.n_heads=8" in (
         trials[0].user_attrs["fail_message"])
     assert trials[1].state == TrialState.COMPLETE and len(trials) == 2
+    from search.launch import launch
+
+    assert launch("tiny", cpu_workers=1) == 0  # done: no worker started
+    assert "[launch] study tiny is done: 2/2 trials finished" in capsys.readouterr().out
 
 
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
@@ -358,6 +363,19 @@ def test_run_dirs_of_a_study_in_another_storage_are_refused() -> None:
     claim_run_dirs("tiny", "127.0.0.1:5432/a", 2)  # deleted and made again in the same database
     with pytest.raises(SearchError, match=r"study 'tiny' in another storage \(127.0.0.1:5432/a\)"):
         claim_run_dirs("tiny", "127.0.0.1:5432/b", 1)
+
+
+def test_create_study_refuses_a_name_whose_runs_are_another_storages(
+    write_search: Callable[..., Path]
+) -> None:
+    """Its workers would refuse to run: create-study says so first and makes nothing."""
+    from search.objective import claim_run_dirs
+
+    claim_run_dirs("tiny", "PostgreSQL 1/other (elsewhere:5432/other)", 1)
+    with pytest.raises(SearchError, match=r"holds the trial runs of study 'tiny' in another "
+                       r"storage .*--study-name"):
+        create_study(load_search_config(write_search()))
+    assert "tiny" not in [s.study_name for s in optuna.get_all_study_summaries(open_storage())]
 
 
 def test_concurrent_create_studies_make_one(write_search: Callable[..., Path]) -> None:
