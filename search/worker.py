@@ -39,6 +39,7 @@ from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, clai
 from search.study import count_trials, load_study, open_worker_storage
 from storage.errors import CheckpointError, StorageError, error_chain
 from storage.rdb import STOP_WAITING, storage_identity
+from storage.urls import connect_error
 from trainer.errors import ConfigError, TrainingFailed
 
 __all__ = ["next_action", "run_worker"]
@@ -134,6 +135,9 @@ def _run_trials(
                     given_up = _storage_error_in(e)
                     if given_up is not None:  # Optuna's own error (when it could not store
                         raise given_up from None  # the trial's end) would hide it
+                    refused = _database_error_in(e)
+                    if refused is not None and objective.lost is None:  # e.g. the database
+                        raise connect_error(_url(study), refused) from None  # was dropped
                     if objective.lost is None:
                         raise
                     log.warning("trial %d: lost while this worker was stopped, dropped; "
@@ -255,6 +259,19 @@ class StartLock:
 def _storage_error_in(error: BaseException) -> StorageError | None:
     """The StorageError (the database gave up) in ``error``'s chain, if any."""
     return next((e for e in error_chain(error) if isinstance(e, StorageError)), None)
+
+
+def _database_error_in(error: BaseException) -> sqlalchemy.exc.DBAPIError | None:
+    """The database's own error (not an outage: the storage retries those) in ``error``'s
+    chain, if any: Optuna reports it as its UnboundLocalError when it could not store a
+    trial's end."""
+    return next((e for e in error_chain(error) if isinstance(e, sqlalchemy.exc.DBAPIError)),
+                None)
+
+
+def _url(study: optuna.Study) -> str:
+    storage = getattr(study._storage, "_backend", study._storage)  # Optuna's cache wraps it
+    return str(getattr(storage, "url", ""))
 
 
 def _handle_signals(stop: threading.Event) -> None:
