@@ -16,6 +16,7 @@ before and after a case are that case's alone.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import os
 import re
@@ -144,6 +145,22 @@ CASES = [
          (("s.yaml", _search(overrides={"eval.bleu_tokenize": "ja-mecab"})),)),
     Case("corpus file missing", ("amt-search", "create-study", "--config", "search.yaml"),
          "data.path: ", (("train.yaml", _train("data", path="data/gone.tsv")),)),
+    Case("the BLEU tokeniser searched", ("amt-search", "create-study", "--config", "s.yaml"),
+         "space.eval.bleu_tokenize", (("s.yaml", _space(**{"eval.bleu_tokenize": {
+             "type": "categorical", "choices": ["13a", "char"]}})),)),
+    Case("trials on another corpus", ("amt-search", "create-study", "--config", "s.yaml"),
+         "truncation.overrides.data.path", (("s.yaml", _search(truncation={
+             **tiny_search()["truncation"], "overrides": {"data.path": "data/other.tsv"}})),)),
+    Case("corpus too small to split", ("amt-search", "create-study", "--config", "search.yaml"),
+         "small.tsv: the validation split is empty",
+         (("data/small.tsv", "a b\tc d\ne f\tg h\n"),
+          ("train.yaml", _train("data", path="data/small.tsv")))),
+    Case("corpus gzip-compressed", ("amt-search", "create-study", "--config", "search.yaml"),
+         "gz.tsv line 1: not UTF-8", (("data/gz.tsv", gzip.compress(b"a\tb\n" * 50, mtime=0)),
+                                      ("train.yaml", _train("data", path="data/gz.tsv")))),
+    Case("resume: checkpoints without their manifest", ("amt-train", "--config", "train.yaml",
+                                                        "--out-dir", "run-unlisted", "--resume"),
+         "run-unlisted holds checkpoint files"),
     Case("unknown Bible translation", ("amt-search", "create-study", "--config", "search.yaml"),
          "data.bible_tgt: unknown Bible translation 'zz'",
          (("train.yaml", _train("data", source="bible", path=None, bible_tgt="zz")),)),
@@ -321,7 +338,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     train["data"].update(path="data/corpus.tsv", cache_dir="data/cache")
     (root / "train.yaml").write_text(yaml.safe_dump(train))
     (root / "search.yaml").write_text(yaml.safe_dump(tiny_search()))
-    for name in ("good", "tampered", "truncated", "manifest", "missing", "types"):
+    for name in ("good", "tampered", "truncated", "manifest", "missing", "types", "unlisted"):
         run = root / f"run-{name}"
         for step in (4, 8):
             path = save_checkpoint(run, step, {"step": torch.tensor(step)})
@@ -334,6 +351,8 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 path.unlink()
         if name == "manifest":
             (run / MANIFEST).write_text("{not json")
+        if name == "unlisted":
+            (run / MANIFEST).unlink()
         if name == "types":
             (run / MANIFEST).write_text((run / MANIFEST).read_text().replace('"step": 8',
                                                                             '"step": "abc"'))

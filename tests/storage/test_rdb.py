@@ -44,6 +44,25 @@ def test_eight_processes_twenty_trials_each(new_database: Callable[[], str]) -> 
     assert_study_exact(url, "s8x20", 160)
 
 
+def test_reading_a_database_without_the_schema_changes_nothing(
+    new_database: Callable[[], str]
+) -> None:
+    """status, trials, worker ... open the storage with create=False: a mistyped --storage
+    (template1, postgres) gets one error line and no tables."""
+    url = new_database()
+    with pytest.raises(StorageError, match=r"no amt-search studies at .*: the database has no "
+                       r"study tables"):
+        open_storage(url, create=False)
+    engine = sqlalchemy.create_engine(url)
+    with engine.connect() as conn:
+        tables = conn.execute(sqlalchemy.text(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")).scalar()
+    engine.dispose()
+    assert tables == 0
+    open_storage(url)  # create-study's way makes it
+    open_storage(url, create=False).engine.dispose()
+
+
 def test_retried_create_does_not_duplicate(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # The commit succeeds but the client sees the connection drop: the retry must return
     # the trial that was made, not make a second one.
