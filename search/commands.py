@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from typing import Any
 
@@ -71,7 +72,8 @@ def register(sub: Any) -> None:
     where.add_argument("--cpu-workers", type=int, metavar="K", help="K workers on the CPU")
     p.add_argument("--storage", help=_STORAGE_HELP)
     p.add_argument(
-        "--progress-every", type=float, default=10.0, metavar="S", help="seconds between lines"
+        "--progress-every", type=_seconds, default=10.0, metavar="S",
+        help="seconds between lines (default 10)"
     )
     p.set_defaults(func=_launch)
 
@@ -166,6 +168,17 @@ def _launch(args: argparse.Namespace) -> int:
         storage_url=args.storage,
         progress_every_s=args.progress_every,
     )
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -72,6 +72,9 @@ def run_quickstart(
 
     if cpu_workers < 1:
         raise SearchError(f"--cpu-workers must be >= 1, got {cpu_workers}")
+    if report_dir and Path(report_dir).exists() and not Path(report_dir).is_dir():
+        raise SearchError(f"--report-dir {report_dir}: a file, not a directory — give a "
+                          "directory for the report")
     started = time.monotonic()
     cfg = load_search_config(config)
     name = study_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

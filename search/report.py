@@ -110,6 +110,9 @@ def write_report(
         SearchError: unknown study (the message lists the existing ones), a trial number
             not in the study, or a run directory that does not exist.
     """
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise SearchError(f"--out {out_dir}: a file, not a directory — give a directory for "
+                          "REPORT.md and the figures")
     url = resolve_url(storage_url)
     study, cfg = load_study(study_name, url)
     all_trials = study.get_trials(deepcopy=False)
@@ -326,7 +329,9 @@ def collect_curves(
             curves.append(curve)
     for d in run_dirs:
         if not d.is_dir():
-            raise SearchError(f"--run {d}: no such directory — pass a full run's train.out_dir")
+            what = "a file, not a directory" if d.exists() else "no such directory"
+            raise SearchError(f"--run {d}: {what} — pass a full run's train.out_dir (the "
+                              "directory with metrics.jsonl)")
         curve = run_curve(d)
         if curve is None:
             missing.append(f"run {d}: no evals with train and val loss in metrics.jsonl yet")

@@ -167,6 +167,8 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
 def _lock_run_dir(out_dir: Path) -> int:
     """An exclusive lock on ``out_dir`` (flock on the directory, released when the process
     ends however it ends): a second run into it would interleave checkpoints and metrics."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file, not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(out_dir, os.O_RDONLY)
     try:

@@ -54,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     warm = sub.add_parser("prepare", help="build or reuse the data cache and print figures")
     _corpus_arguments(warm)
     warm.add_argument(
-        "--tokens-per-batch", type=int, default=16384,
-        help="batch budget for the padding figure (default 16384)",
+        "--tokens-per-batch", type=int, default=None,
+        help="batch budget for the padding figure (default: --config's "
+        "train.tokens_per_batch, else 16384)",
     )
     return parser
 
@@ -96,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: {n_lines} pairs -> {path}")
         elif args.command == "prepare":
             data = prepare(_data_config(args))
-            budget = args.tokens_per_batch
+            budget = args.tokens_per_batch or (
+                load_config(args.config).train.tokens_per_batch if args.config else 16384)
             figures = {
                 "pairs": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
                 "vocab_size": data.vocab_size,
