@@ -156,7 +156,8 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(task: Path, tmp_path: Pa
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1", "AMT_PROGRESS": "0"})
     deadline = time.monotonic() + 120
-    while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
+    metrics = out / "metrics.jsonl"  # made empty before the first step, then one line an eval
+    while not (metrics.exists() and metrics.read_text().strip()) and time.monotonic() < deadline:
         time.sleep(0.2)  # training has started: its first evaluation is written
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
