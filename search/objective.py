@@ -16,6 +16,9 @@ Failure handling:
 * ``ConfigError`` from the trial's training (the corpus cannot be read or split, the recipe
   is invalid): every trial would fail the same way, so the trial is re-enqueued and FAIL with
   ``fail_reason: config``, and the error ends the worker (the command line prints it);
+* the trial's run directory changed under it (a file or the directory deleted, the manifest
+  garbled): the trial FAILs with ``fail_reason: run_dir`` and is retried once, like a stale
+  trial; the worker goes on;
 * SIGTERM (``stop`` set): the next optimiser step raises :class:`WorkerStopped`, ``fit``
   saves, the trial is re-enqueued for retry, and the exception ends the worker's loop;
 * a worker frozen (SIGSTOP) past the grace period finds its trial failed and retried by
@@ -44,7 +47,7 @@ import trainer
 from search.config import ParamSpec, SearchConfig, trial_train_config
 from search.errors import SearchError
 from storage.checkpoints import keep_newest, latest_checkpoint
-from storage.errors import os_error_in
+from storage.errors import CheckpointError, error_chain, os_error_in
 from storage.files import atomic_write
 from storage.paths import state_dir
 from trainer.config import TrainConfig
@@ -257,6 +260,14 @@ class Objective:
             trial.set_user_attr("fail_reason", "stopped")
             raise
         except Exception as e:
+            damaged = _run_dir_error(e, out_dir)
+            if damaged is not None:  # deleted or garbled under the trial (not by the trial)
+                log.warning("trial %d failed (run_dir), retrying: %s", trial.number, damaged)
+                _enqueue_retry(trial, bounded=True)
+                trial.set_user_attr("fail_reason", "run_dir")
+                trial.set_user_attr("fail_message", damaged)
+                raise TrainingFailed(f"trial {trial.number}: {damaged}", reason="run_dir",
+                                     retryable=True) from e
             if not _disk_full(e):
                 raise
             # every trial of this worker would hit it: the trial waits for a retry (from its
@@ -390,6 +401,20 @@ def _disk_full(error: BaseException) -> bool:
     """True when what went wrong is ENOSPC / EDQUOT (no space, quota exceeded)."""
     cause = os_error_in(error)
     return cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _run_dir_error(error: BaseException, out_dir: Path) -> str | None:
+    """What went wrong when the trial's run directory was changed under it (a file or the
+    directory deleted, the checkpoint manifest garbled); None for anything else."""
+    if _disk_full(error):
+        return None
+    for e in error_chain(error):
+        if isinstance(e, CheckpointError) and str(out_dir) in str(e):
+            return str(e).splitlines()[0]
+        if isinstance(e, OSError) and e.filename is not None and (
+                Path(str(e.filename)) == out_dir or out_dir in Path(str(e.filename)).parents):
+            return f"{e.filename}: {e.strerror or type(e).__name__}"
+    return None
 
 
 def _drop_checkpoints(out_dir: Path) -> None:

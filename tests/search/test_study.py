@@ -152,6 +152,25 @@ def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     assert "[launch] study tiny is done: 2/2 trials finished" in capsys.readouterr().out
 
 
+@pytest.mark.usefixtures("restore_signals")
+def test_a_run_directory_damaged_under_a_trial_is_retried_once(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[TrainConfig, bool]] = []
+    monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True}}
+    path = write_search(enqueue=[{"optim.lr": RUN_DIR_LR}], space=space, n_trials=2)
+    create_study(load_search_config(path))
+    assert run_worker("tiny", gpu=None) == 0  # no traceback, the worker goes on
+    trials = load_study("tiny")[0].trials
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in failed] == ["run_dir", "run_dir"]
+    assert "trial-0/metrics.jsonl: No such file or directory" in failed[0].user_attrs[
+        "fail_message"]
+    assert failed[1].system_attrs["failed_trial"] == 0  # one retry, then it stays failed
+    assert count_trials(trials).finished == 2
+
+
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
     create_study(load_search_config(write_search()))
     study, _ = load_study("tiny", worker_index=0)
@@ -173,6 +192,7 @@ def test_unknown_study_lists_the_existing_ones(write_search: Callable[..., Path]
 
 NAN_LR = 0.5  # an enqueued trial with this LR "diverges"
 SIGTERM_LR = 0.25  # ... and with this one the worker gets SIGTERM at its second eval
+RUN_DIR_LR = 0.125  # ... and with this one its run directory vanishes
 
 
 def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]:
@@ -184,6 +204,8 @@ def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]
         if cfg.optim.lr == NAN_LR:
             raise TrainingFailed("non-finite loss at step 3", reason="nan_loss")
         out = Path(cfg.train.out_dir)
+        if cfg.optim.lr == RUN_DIR_LR:  # someone deleted the run directory under the trial
+            raise FileNotFoundError(2, "No such file or directory", str(out / "metrics.jsonl"))
         ckpt = latest_checkpoint(out) if resume else None
         start = int(ckpt.stem.split("_")[1]) if ckpt else 0
         history = []
