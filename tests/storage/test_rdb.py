@@ -53,7 +53,9 @@ def test_reading_a_database_without_the_schema_changes_nothing(
     with pytest.raises(StorageError, match=r"no amt-search studies at .*: the database has no "
                        r"study tables"):
         open_storage(url, create=False)
-    engine = sqlalchemy.create_engine(url)
+    from storage.urls import check_url
+
+    engine = sqlalchemy.create_engine(check_url(url))  # the psycopg2 driver
     with engine.connect() as conn:
         tables = conn.execute(sqlalchemy.text(
             "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")).scalar()
