@@ -138,6 +138,13 @@ def _run_trials(
                     refused = _database_error_in(e)
                     if refused is not None and objective.lost is None:  # e.g. the database
                         raise connect_error(_url(study), refused) from None  # was dropped
+                    if objective.lost is None and any(
+                            isinstance(x, KeyError) and "Record does not exist" in str(x)
+                            for x in error_chain(e)):
+                        raise SearchError(
+                            f"study {study.study_name} (or its running trial) was deleted "
+                            "while this worker ran (optuna delete-study?): create it again to "
+                            "search") from None
                     if objective.lost is None:
                         raise
                     log.warning("trial %d: lost while this worker was stopped, dropped; "

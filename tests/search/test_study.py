@@ -171,6 +171,20 @@ def test_a_run_directory_damaged_under_a_trial_is_retried_once(
     assert count_trials(trials).finished == 2
 
 
+@pytest.mark.usefixtures("restore_signals")
+def test_a_study_deleted_under_a_worker_ends_it_with_one_line(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[TrainConfig, bool]] = []
+    monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
+    space = {"optim.lr": {"type": "float", "low": 1e-3, "high": 0.5, "log": True}}
+    create_study(load_search_config(write_search(enqueue=[{"optim.lr": DELETE_LR}],
+                                                 space=space, n_trials=2)))
+    with pytest.raises(SearchError, match=r"study tiny \(or its running trial\) was deleted "
+                       r"while this worker ran"):
+        run_worker("tiny", gpu=None)
+
+
 def test_a_restarted_worker_draws_other_trials(write_search: Callable[..., Path]) -> None:
     create_study(load_search_config(write_search()))
     study, _ = load_study("tiny", worker_index=0)
@@ -193,6 +207,7 @@ def test_unknown_study_lists_the_existing_ones(write_search: Callable[..., Path]
 NAN_LR = 0.5  # an enqueued trial with this LR "diverges"
 SIGTERM_LR = 0.25  # ... and with this one the worker gets SIGTERM at its second eval
 RUN_DIR_LR = 0.125  # ... and with this one its run directory vanishes
+DELETE_LR = 0.0625  # ... and with this one the study is deleted
 
 
 def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]:
@@ -206,6 +221,8 @@ def _fake_fit(calls: list[tuple[TrainConfig, bool]]) -> Callable[..., FitResult]
         out = Path(cfg.train.out_dir)
         if cfg.optim.lr == RUN_DIR_LR:  # someone deleted the run directory under the trial
             raise FileNotFoundError(2, "No such file or directory", str(out / "metrics.jsonl"))
+        if cfg.optim.lr == DELETE_LR:  # someone deleted the study under the trial
+            optuna.delete_study(study_name="tiny", storage=open_storage())
         ckpt = latest_checkpoint(out) if resume else None
         start = int(ckpt.stem.split("_")[1]) if ckpt else 0
         history = []
