@@ -122,9 +122,11 @@ def check_run_dirs(study_name: str, storage_where: str) -> Any:
 
     if (isinstance(previous, dict) and previous.get("storage") is not None
             and server(previous["storage"]) != server(storage_where)):
+        named = str(previous["storage"])
+        named = named[named.find("(") + 1:-1] if named.endswith(")") else named  # host:port/db
         raise SearchError(
             f"{root} holds the trial runs of study '{study_name}' in another storage "
-            f"({previous['storage']}): this study's trials would overwrite them — give it "
+            f"({named}): this study's trials would overwrite them — give it "
             "another name (create-study --study-name), or set AMT_HOME to another directory")
     return previous
 

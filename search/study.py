@@ -78,12 +78,13 @@ def create_study(
     if size > MAX_CONFIG_BYTES:
         raise SearchError(f"the search config is {size:,} bytes as JSON, more than "
                           f"{MAX_CONFIG_BYTES:,}: keep meta and overrides small")
-    storage = _open(storage_url, cfg)
     from search.objective import check_run_dirs
-    from storage.rdb import storage_identity
+    from storage.rdb import url_identity
 
-    check_run_dirs(cfg.name, storage_identity(storage))  # before the study exists: its
-    # workers would refuse to run (another database's study of this name ran here)
+    identity = url_identity(storage_url)  # before anything is created: the study's workers
+    if identity is not None:  # would refuse to run (another database's study of this name
+        check_run_dirs(cfg.name, identity)  # ran here)
+    storage = _open(storage_url, cfg)
     with _creation_lock(storage, cfg.name):  # a concurrent create-study waits, then sees it
         return _create(storage, cfg, storage_url, stored, skip_if_exists)
 

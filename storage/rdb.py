@@ -541,10 +541,26 @@ ResilientRDBStorage.record_heartbeat = _heartbeat_or_warn  # type: ignore[method
 def storage_identity(storage: RDBStorage) -> str:
     """Names the database behind ``storage`` however its URL spells the host: the server's
     system identifier and the database name (``host:port/db`` when the server will not say)."""
+    return _identity(storage.engine, storage.url) or where(storage.url)
+
+
+def url_identity(url: str | None) -> str | None:
+    """:func:`storage_identity` of ``url`` without opening the study storage (nothing is
+    created); None when the server cannot be asked."""
+    resolved = resolve_url(url)
+    engine = sqlalchemy.create_engine(resolved, poolclass=NullPool,
+                                      connect_args={"connect_timeout": 10})
     try:
-        with storage.engine.connect() as conn:
+        return _identity(engine, resolved)
+    finally:
+        engine.dispose()
+
+
+def _identity(engine: sqlalchemy.Engine, url: str) -> str | None:
+    try:
+        with engine.connect() as conn:
             row = conn.execute(text(
                 "SELECT system_identifier, current_database() FROM pg_control_system()")).one()
-        return f"PostgreSQL {row[0]}/{row[1]} ({where(storage.url)})"
+        return f"PostgreSQL {row[0]}/{row[1]} ({where(url)})"
     except sqlalchemy.exc.SQLAlchemyError:
-        return where(storage.url)
+        return None
