@@ -73,7 +73,9 @@ def promote(
     }
     recipe = apply_overrides(
         full_run_dict(cfg, dict(trial.params)),
-        {"name": f"{study_name}-trial-{trial_number}", "train.out_dir": str(out_dir)},
+        # the full run is the measurement: BLEU-4 on the whole test split at its end
+        {"name": f"{study_name}-trial-{trial_number}", "train.out_dir": str(out_dir),
+         "eval.test": True},
     )
     # every key written out: the file keeps its meaning if a default changes later
     raw = config_to_dict(config_from_dict(recipe))
@@ -110,6 +112,7 @@ def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, s
     out_dir = Path(yaml.safe_load(config.read_text())["train"]["out_dir"])
     args = ["-m", "trainer.cli", "--config", str(config)]
     if out_dir.exists() and latest_checkpoint(out_dir) is not None:
+        _check_same_run(config, out_dir)
         args.append("--resume")
     if len(gpus) > 1:
         runner = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={len(gpus)}"]
@@ -118,6 +121,26 @@ def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, s
         cmd = [sys.executable, *args]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(map(str, gpus)))
     return cmd, env
+
+
+def _check_same_run(config: Path, out_dir: Path) -> None:
+    """A checkpoint in ``out_dir`` is resumed only when it was trained with ``config``'s
+    settings: one left by a run with others (``--set train.max_steps=...``) would continue
+    under another schedule and mix two runs in one metrics.jsonl."""
+    from search.study import _changed_keys
+
+    try:
+        ran = yaml.safe_load((out_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return  # amt-train --resume checks what it can (corpus, model, optimiser)
+    wanted = config_to_dict(config_from_dict(yaml.safe_load(config.read_text())))
+    changed = [k for k in _changed_keys(ran, wanted) if not k.startswith("meta")]
+    if changed:
+        raise SearchError(
+            f"{out_dir} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}"
+            f"{', ...' if len(changed) > 4 else ''} differ): continue that run with amt-train "
+            f"--config {out_dir / 'config.yaml'} --resume, or move the directory away to train "
+            "the promoted config afresh")
 
 
 def run_training(config: Path, gpus: list[int]) -> int:

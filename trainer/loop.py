@@ -907,3 +907,14 @@ class Run:
             torch.manual_seed(self.cfg.train.seed + self.rank + 7919 * self.progress.step)
         self.saved_step, self.saved_path = self.progress.step, path
         log.info("resumed from %s at step %d", path, self.progress.step)
+        saved = state.get("config") or {}
+        ours = config_to_dict(self.cfg)
+        changed = [f"{section}.{k}" for section in ("optim", "train")
+                   for k in sorted(set(saved.get(section) or {}) | set(ours[section]))
+                   if section in saved and (saved[section] or {}).get(k) != ours[section].get(k)
+                   and k not in ("out_dir", "max_time_s")]
+        if changed and self.rank == 0:  # (a longer max_steps on purpose, say: not refused)
+            log.warning("resuming with settings the checkpoint was not trained with: %s; the "
+                        "schedule follows the new values from step %d",
+                        ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else ""),
+                        self.progress.step)

@@ -346,6 +346,7 @@ def test_leaderboard_formats_and_promote(
     assert (full.model.n_layers, full.model.d_model, full.model.n_heads, full.optim.lr) == (
         1, 64, 4, 3e-3)
     assert full.train.max_steps == 60 and full.train.eval_every == 20  # no truncation
+    assert full.eval.test  # the full run ends with BLEU-4 on the test split
     assert full.meta["study"] == "tiny" and full.meta["trial"] == 2
     assert full.train.out_dir.endswith("runs/tiny/full-trial-2")
     assert full.meta["storage"].startswith("postgresql")
@@ -372,6 +373,17 @@ def test_train_command_uses_torchrun_on_several_gpus(tmp_path: Path) -> None:
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     assert cmd[5:] == ["-m", "trainer.cli", "--config", str(config), "--resume"]
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    # the checkpoint of the same settings resumes; one of a run with others is refused
+    from trainer.config import config_from_dict, config_to_dict
+
+    same = config_to_dict(config_from_dict(yaml.safe_load(config.read_text())))
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(same))
+    assert train_command(config, [])[0][-1] == "--resume"
+    other = {**same, "train": {**same["train"], "max_steps": 60}}
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(other))
+    with pytest.raises(SearchError, match=r"holds a checkpoint of a run with other settings "
+                       r"\(train.max_steps differ\): continue that run with amt-train"):
+        train_command(config, [])
 
 
 def test_pruning_callback_never_prunes_at_the_budgets_last_eval() -> None:

@@ -192,6 +192,17 @@ def test_a_run_directory_in_use_is_refused(task: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "new").exists()
 
 
+def test_resuming_with_another_schedule_says_so(task: Path, tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config(task, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [StopAt(4)])
+    longer = tiny_config(task, tmp_path / "run", **{"train.max_steps": cfg.train.max_steps + 8})
+    fit(longer, resume=True)
+    assert "resuming with settings the checkpoint was not trained with: train.max_steps" in (
+        caplog.text)
+
+
 def test_a_callback_can_stop_without_a_checkpoint(task: Path, tmp_path: Path) -> None:
     class Pruned(Exception):
         checkpoint = False
