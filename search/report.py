@@ -151,7 +151,7 @@ def write_report(
         {name: title for name, (title, _) in figures.items()},
         not_drawn,
         missing_curves,
-    )
+    ) + full_runs_markdown(run_dirs)
     report = out / "REPORT.md"
     report.write_text(text)
     log.info("wrote %s", report)
@@ -231,6 +231,51 @@ def summary_markdown(
             lines += ["", "Missing loss curves:", "", *(f"- {m}" for m in missing_curves)]
         lines.append("")
     return "\n".join(lines)
+
+
+def full_runs_markdown(run_dirs: Sequence[Path]) -> str:
+    """A section per full run: where, how far, why it stopped, its BLEU-4 (``result.json`` of a
+    finished run; the last eval of ``metrics.jsonl`` while it runs or after it was stopped)."""
+    lines = []
+    for d in run_dirs:
+        try:
+            result = json.loads((d / "result.json").read_text())
+        except (OSError, ValueError):
+            result = None
+        if isinstance(result, dict):
+            test = result.get("test_bleu")
+            lines.append(
+                f"- `{d}`: {result.get('steps')} steps, stopped by {result.get('stopped_by')}; "
+                f"BLEU-4 {float(result.get('bleu') or 0):.2f} on the validation subset, "
+                + (f"**{float(test):.2f} on the test split**" if test is not None
+                   else "no test-split BLEU-4 (eval.test off)")
+                + f"; val loss {float(result.get('val_loss') or 0):.4f}")
+            continue
+        evals = [m for m in _metrics_lines(d) if "bleu" in m]
+        if evals:
+            last = evals[-1]
+            lines.append(f"- `{d}`: not finished (running or stopped; `amt-train --resume` "
+                         f"continues it): last eval at step {last.get('step')}, BLEU-4 "
+                         f"{float(last['bleu']):.2f} on the validation subset")
+        else:
+            lines.append(f"- `{d}`: no evaluation yet")
+    return "\n".join(["", "## Full runs", "", *lines, ""]) if lines else ""
+
+
+def _metrics_lines(run: Path) -> list[dict[str, Any]]:
+    try:
+        text = (run / "metrics.jsonl").read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            m = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(m, dict):
+            out.append(m)
+    return out
 
 
 def top_table(study: optuna.Study, cfg: SearchConfig, top: int = TOP_TRIALS) -> str:
@@ -332,6 +377,9 @@ def collect_curves(
             what = "a file, not a directory" if d.exists() else "no such directory"
             raise SearchError(f"--run {d}: {what} — pass a full run's train.out_dir (the "
                               "directory with metrics.jsonl)")
+        if d.name.startswith("trial-"):
+            log.warning("--run %s is a search trial's run directory (truncated budget), not a "
+                        "full run's (full-trial-N)", d)
         curve = run_curve(d)
         if curve is None:
             missing.append(f"run {d}: no evals with train and val loss in metrics.jsonl yet")

@@ -200,6 +200,17 @@ def test_report_from_live_study(storage_url: str, tmp_path: Path) -> None:
     assert "promote --study report-test --trial" in text
     for name in ("optuna_parallel.png", "train_val_loss.png", "intermediate_bleu.png"):
         assert f"]({name})" in text
+    # the full run: not finished (no result.json), then finished with its test-split BLEU-4
+    assert "## Full runs" in text and "full-trial-0`: not finished" in text
+    assert "last eval at step 60000, BLEU-4 40.00" in text
+    (amt_home / "runs" / STUDY / "full-trial-0" / "result.json").write_text(json.dumps(
+        {"steps": 60000, "stopped_by": "budget", "bleu": 40.0, "test_bleu": 38.5,
+         "val_loss": 1.87}))
+    assert cli.main(["report", "--study", STUDY, "--storage", storage_url, "--out",
+                     str(out)]) == 0
+    text = (out / "REPORT.md").read_text()
+    assert ("full-trial-0`: 60000 steps, stopped by budget; BLEU-4 40.00 on the validation "
+            "subset, **38.50 on the test split**; val loss 1.8700") in text
 
 
 def test_figures_have_labels_and_lines(storage_url: str, tmp_path: Path) -> None:
