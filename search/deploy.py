@@ -266,18 +266,28 @@ def _run_compose(args: argparse.Namespace) -> int:
         sys.stdout.write(text)
         return 0
     out = Path(args.out)
-    if out.exists() and not out.read_text(encoding="utf-8").startswith(GENERATED_HEADER):
+    if out.exists() and not out.is_file():
+        raise SearchError(f"--out {out}: not a regular file — give the override file to write")
+    if out.exists() and not _generated(out):
         raise SearchError(
             f"{out} exists and was not written by `amt-search compose` — move it away or pass "
             "--out another file (then: docker compose -f docker-compose.yml -f FILE up)"
         )
     out.write_text(text, encoding="utf-8")
     print(f"wrote {out}: {_workers_text(args.gpus)}")
-    if out.name == "docker-compose.override.yml":
-        print("start with: docker compose up -d --build")
+    # Compose reads docker-compose.override.yml by itself only next to docker-compose.yml
+    if (out.name == "docker-compose.override.yml" and base_path.name == "docker-compose.yml"
+            and out.resolve().parent == base_path.resolve().parent):
+        print(f"start with: docker compose up -d --build (in {out.resolve().parent})")
     else:
         print(f"start with: docker compose -f {base_path} -f {out} up -d --build")
     return 0
+
+
+def _generated(path: Path) -> bool:
+    with path.open("rb") as f:  # the header only: the file may be anything
+        return f.read(len(GENERATED_HEADER.encode())).decode("utf-8", "replace").startswith(
+            GENERATED_HEADER)
 
 
 def _positive_int(text: str) -> int:

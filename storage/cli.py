@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
         "using it lose their connection.",
     )
     p.add_argument("action", choices=["status", "url", "stop"])
-    p.add_argument("--storage", metavar="URL", help="storage URL (default: $AMT_STORAGE_URL)")
+    p.add_argument("--storage", metavar="URL", help="url: the storage URL to show (default: "
+                   "$AMT_STORAGE_URL); status and stop always concern the embedded server")
     p.add_argument("--show-password", action="store_true", help="print the URL with its password")
     p.set_defaults(func=_run)
 
@@ -30,6 +31,10 @@ def _run(args: argparse.Namespace) -> int:
         url = resolve_url(args.storage)
         print(url if args.show_password else mask_url(url))
     elif args.action == "stop":
+        external = args.storage or os.environ.get(ENV_VAR)
+        if external and not embedded.is_embedded_url(external):
+            print(f"note: {mask_url(external)} is not the embedded server; stopping the "
+                  "embedded one only")
         stopped = embedded.stop()
         print(
             "stopped the embedded PostgreSQL"
@@ -38,6 +43,9 @@ def _run(args: argparse.Namespace) -> int:
         )
     else:
         _print_status(embedded.status())
+        if args.storage and not embedded.is_embedded_url(args.storage):
+            print(f"note: --storage {mask_url(args.storage)} is not the embedded server: this "
+                  "is the embedded one's status (psql or amt-search status for that server)")
     return 0
 
 
