@@ -91,7 +91,8 @@ def register(sub: Any) -> None:
         )
         p.add_argument("--study", required=True, help="study name")
         p.add_argument("--storage", help=_STORAGE_HELP)
-        p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+        p.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                       help="table (default), csv or json (every parameter and attribute)")
         if name == "trials":
             p.add_argument(
                 "--sort",

@@ -80,7 +80,7 @@ def run_quickstart(
     name = study_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     url = resolve_url(storage_url)
     gpus = [] if force_cpu else detect_gpus()
-    where = f"{len(gpus)} GPU worker(s)" if gpus else f"{cpu_workers} CPU workers"
+    where = f"{len(gpus)} GPU worker(s)" if gpus else f"{cpu_workers} CPU worker(s)"
     print(f"[quickstart] study {name} on {mask_url(url)} with {where}", flush=True)
     create_study(cfg, url, name)
     status = launch(

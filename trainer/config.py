@@ -7,6 +7,7 @@ CLI can print one line and exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -483,10 +484,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Tr
     p = Path(path)
     raw = read_yaml(p)
     try:
-        raw = apply_overrides(raw, overrides or {})
-        return config_from_dict(raw)
+        return config_from_dict(apply_overrides(raw, overrides or {}))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        blame = str(p)
+        if overrides:  # the file alone fine: the error is an override's, not the file's
+            with contextlib.suppress(ConfigError):
+                config_from_dict(raw)
+                blame = "--set"
+        raise ConfigError(f"{blame}: {e}") from None
 
 
 MAX_YAML_BYTES = 16 * 2**20
