@@ -116,15 +116,19 @@ def _total(trials: list[FrozenTrial], key: str) -> float:
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
-    """``table``: Markdown like Report 03 §4; ``csv`` and ``json``: every field."""
+    """``table``: Markdown like Report 03 §4; ``csv``: every field and a column per searched
+    parameter; ``json``: every field, the parameters under ``params``."""
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
         buf = io.StringIO()
         fieldnames = [k for k in (rows[0] if rows else _HEADERS) if k != "params"]
-        writer = csv.DictWriter(buf, fieldnames=fieldnames, extrasaction="ignore")
+        params = sorted({k for r in rows for k in r.get("params") or {}})  # a column each
+        writer = csv.DictWriter(buf, fieldnames=fieldnames + [k for k in params
+                                                              if k not in fieldnames],
+                                extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**(r.get("params") or {}), **r} for r in rows)
         return buf.getvalue().rstrip("\n")
     gpu = any(r.get("gpu_seconds") for r in rows)
     headers = dict(_HEADERS, compute_s="GPU-s" if gpu else "CPU-s")

@@ -331,7 +331,10 @@ def test_leaderboard_formats_and_promote(
     assert "| 2     | 1      | 64     | 3.0e-03 | 11.00  | COMPLETE |" in table[2]
     assert "(1.25)" in table[4] and "PRUNED" in table[4]
     assert json.loads(leaderboard.format_rows(rows, "json"))[0]["params"]["optim.lr"] == 3e-3
-    assert leaderboard.format_rows(rows, "csv").splitlines()[0].startswith("trial,layers,hidden")
+    csv_lines = leaderboard.format_rows(rows, "csv").splitlines()
+    assert csv_lines[0].startswith("trial,layers,hidden")
+    assert csv_lines[0].endswith(",model.d_model,model.n_layers,optim.lr")  # every parameter
+    assert csv_lines[1].endswith(",64,1,0.003")
 
     assert main(["best", "--study", "tiny"]) == 0
     out = capsys.readouterr().out
