@@ -651,7 +651,7 @@ def intermediate_figure(
 ) -> Figure:
     """BLEU-4 at each eval (the pruner's step) of every trial that reported one: complete
     trials coloured by their final BLEU-4 (the best five numbered), pruned trials grey with
-    an × where they were pruned, running ones dotted, failed ones dark red."""
+    an × and their number where they were pruned, running ones dotted, failed ones dark red."""
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
@@ -697,6 +697,8 @@ def intermediate_figure(
             ax.plot(
                 steps[-1], bleu[-1], color="black", marker="x", ms=8, mew=2, ls="none", zorder=4
             )
+            ax.annotate(f"#{t.number}", (steps[-1], bleu[-1]), xytext=(5, -3),
+                        textcoords="offset points", fontsize=6, color="dimgrey")
         legend.setdefault(
             label,
             Line2D(
@@ -709,7 +711,9 @@ def intermediate_figure(
             ),
         )
     _label_ends(ax, complete[::-1][:5])
-    ax.legend(handles=list(legend.values()), loc="lower right", fontsize=8)
+    # below the axes: inside, it hid the curves' ends and their trial numbers
+    ax.legend(handles=list(legend.values()), loc="upper center", bbox_to_anchor=(0.5, -0.13),
+              ncol=len(legend), fontsize=8, frameon=False)
     if scale is not None:
         fig.colorbar(
             scale,
