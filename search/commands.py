@@ -212,7 +212,7 @@ def _format_status(s: dict[str, Any], fmt: str) -> str:
     compute = (
         f"GPU-seconds {s['gpu_seconds']:.0f}"
         if s["gpu_seconds"]
-        else f"CPU-seconds {s['cpu_seconds']:.0f}"
+        else f"CPU-seconds {s['cpu_seconds'] or 0:.0f}"
     )
     lines = [
         f"study {s['study']}: {s['finished']}{budget} finished ({s['complete']} complete, "

@@ -111,8 +111,11 @@ def status(study: optuna.Study, cfg: SearchConfig, top: int = 5) -> dict[str, An
     }
 
 
-def _total(trials: list[FrozenTrial], key: str) -> float:
-    return round(sum(float(t.user_attrs.get(key) or 0.0) for t in trials), 1)
+def _total(trials: list[FrozenTrial], key: str) -> float | None:
+    """The sum over the trials that recorded ``key``; None when none did (no GPU-seconds on a
+    CPU study, as each of its trials says)."""
+    values = [float(t.user_attrs[key]) for t in trials if t.user_attrs.get(key) is not None]
+    return round(sum(values), 1) if values else None
 
 
 def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
