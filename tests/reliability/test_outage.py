@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from tests.reliability.conftest import EmbeddedPG, ForkServer, make_study, wait_for
 
 OUTAGES_S = (0, 20, 60)
-N_TRIALS = 4
+N_TRIALS = 6  # 3 a worker: the third outage must find both mid-trial, however fast they train
 EVAL_EVERY = 4
 N_EVALS = 15
 
