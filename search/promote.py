@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from optuna.trial import TrialState
@@ -63,6 +64,7 @@ def promote(
             f"trial {trial_number} of study '{study_name}' is {trial.state.name}, not COMPLETE "
             f"(complete: {valid})"
         )
+    _warn_if_not_searched(trial, cfg)
     out_dir = state_dir() / "runs" / study_name / f"full-trial-{trial_number}"
     meta = {
         "study": study_name,
@@ -99,6 +101,21 @@ def promote(
     atomic_write(path, lambda f: f.write(text.encode()), mode=0o644)
     log.info("wrote %s (run directory %s)", path, out_dir)
     return path
+
+
+def _warn_if_not_searched(trial: Any, cfg: Any) -> None:
+    """A trial told from outside (the dashboard, Optuna's API) carries no run of its own and
+    may hold values the space never allowed: it is promoted, with a warning saying so."""
+    space = {p.name: p for p in cfg.space}
+    outside = [f"{k}={v!r}" for k, v in trial.params.items()
+               if k not in space or not space[k].contains(v)]
+    if "run_dir" not in trial.user_attrs:
+        log.warning("trial %d was not run by an amt-search worker (no run directory recorded; "
+                    "told from outside?): its BLEU-4 %.2f is not a measurement of this study's",
+                    trial.number, trial.value)
+    if outside:
+        log.warning("trial %d has values outside the study's space: %s", trial.number,
+                    ", ".join(outside))
 
 
 def _written_by_promote(path: Path) -> bool:

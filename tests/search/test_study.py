@@ -310,7 +310,8 @@ def _add(study: optuna.Study, params: dict[str, Any], state: TrialState,
 
 
 def test_leaderboard_formats_and_promote(
-    write_search: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    write_search: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     create_study(load_search_config(write_search(enqueue=[])))
     study, cfg = load_study("tiny")
@@ -345,6 +346,9 @@ def test_leaderboard_formats_and_promote(
     assert (status["complete"], status["pruned"], status["best_trial"]) == (2, 1, 2)
 
     path = promote("tiny", 2, out=tmp_path / "full.yaml")
+    # added by hand, as a trial told from the dashboard would be: promoted, with a warning
+    assert "trial 2 was not run by an amt-search worker" in caplog.text
+    assert "outside the study's space" not in caplog.text
     full = load_config(path)
     assert (full.model.n_layers, full.model.d_model, full.model.n_heads, full.optim.lr) == (
         1, 64, 4, 3e-3)
