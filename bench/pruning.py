@@ -57,14 +57,17 @@ def run_study(wd: Any, url: str, name: str, pruner: str, n_trials: int, seed: in
     cfg = common.small_task_search(wd, name, pruner=pruner, n_trials=n_trials, seed=seed, **sizes)
     create_study(cfg, url)
     common.run_study_worker(name, url, gpu, n_trials)
-    rows = []
-    for t in optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False):
-        attrs = t.user_attrs
-        rows.append({"number": t.number, "state": t.state.name, "bleu": t.value,
-                     "evals": len(t.intermediate_values),
-                     "cpu_s": attrs.get("cpu_seconds"), "wall_s": attrs.get("wall_seconds"),
-                     "params": t.params, "curve": attrs.get("curve")})
-    return sorted(rows, key=lambda r: r["number"])
+    return trial_rows(optuna.load_study(study_name=name, storage=url))
+
+
+def trial_rows(study: Any) -> list[dict[str, Any]]:
+    """One row per finished trial, in number order: state, BLEU-4, evals, compute, curve."""
+    return [{"number": t.number, "state": t.state.name, "bleu": t.value,
+             "evals": len(t.intermediate_values), "cpu_s": t.user_attrs.get("cpu_seconds"),
+             "wall_s": t.user_attrs.get("wall_seconds"), "params": t.params,
+             "curve": t.user_attrs.get("curve")}
+            for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+            if t.state.is_finished()]
 
 
 def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: list[str],
@@ -110,14 +113,8 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
                 raise SystemExit(f"bench: amt-search launch exited {proc.returncode}")
     out: dict[int, dict[str, list]] = {}
     for seed, pruner, name in jobs:
-        trials = optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-        out.setdefault(seed, {})[pruner] = [
-            {"number": t.number, "state": t.state.name, "bleu": t.value,
-             "evals": len(t.intermediate_values), "cpu_s": t.user_attrs.get("cpu_seconds"),
-             "wall_s": t.user_attrs.get("wall_seconds"), "params": t.params,
-             "curve": t.user_attrs.get("curve")}
-            for t in sorted(trials, key=lambda t: t.number)
-            if t.state.is_finished()]
+        out.setdefault(seed, {})[pruner] = trial_rows(optuna.load_study(study_name=name,
+                                                                        storage=url))
     return out
 
 

@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 import yaml
 
 from search.errors import SearchError
+from storage.files import starts_with
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def _run_compose(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise SearchError(f"--out {out}: not a regular file — give the override file to write")
-    if out.exists() and not _generated(out):
+    if out.exists() and not starts_with(out, GENERATED_HEADER.encode()):
         raise SearchError(
             f"{out} exists and was not written by `amt-search compose` — move it away or pass "
             "--out another file (then: docker compose -f docker-compose.yml -f FILE up)"
@@ -282,12 +283,6 @@ def _run_compose(args: argparse.Namespace) -> int:
     else:
         print(f"start with: docker compose -f {base_path} -f {out} up -d --build")
     return 0
-
-
-def _generated(path: Path) -> bool:
-    with path.open("rb") as f:  # the header only: the file may be anything
-        return f.read(len(GENERATED_HEADER.encode())).decode("utf-8", "replace").startswith(
-            GENERATED_HEADER)
 
 
 def _positive_int(text: str) -> int:

@@ -25,7 +25,7 @@ import optuna
 
 from search.errors import SearchError
 from search.leaderboard import best_trial
-from search.study import count_trials, load_study
+from search.study import count_trials, load_study, next_action
 from storage import resolve_url
 
 __all__ = ["detect_gpus", "launch", "parse_gpus"]
@@ -116,10 +116,11 @@ def launch(
                           f"CPU core ({cores} here); each worker trains a model of its own")
     url = resolve_url(storage_url)  # one server for all (starts the embedded one once)
     study, cfg = load_study(study_name, url)
-    counts = count_trials(study.get_trials(deepcopy=False))
-    if cfg.n_trials is not None and counts.finished >= cfg.n_trials and not counts.waiting:
-        print(f"[launch] study {study_name} is done: {counts.finished}/{cfg.n_trials} trials "
-              f"finished — see amt-search status --study {study_name}", flush=True)
+    if next_action(study, cfg) == "done":  # what each worker would find: start none
+        finished = count_trials(study.get_trials(deepcopy=False)).finished
+        budget = f"/{cfg.n_trials}" if cfg.n_trials is not None else " (timeout_s passed)"
+        print(f"[launch] study {study_name} is done: {finished}{budget} trials finished — see "
+              f"amt-search status --study {study_name}", flush=True)
         return 0
     base = [sys.executable, "-m", "search.cli", "worker", "--study", study_name, "--storage", url]
     if n_trials_per_worker is not None:

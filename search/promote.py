@@ -18,10 +18,10 @@ from optuna.trial import TrialState
 from search.config import full_run_dict
 from search.errors import SearchError
 from search.launch import die_with_parent
-from search.study import load_study
+from search.study import changed_keys, load_study
 from storage import mask_url, resolve_url
 from storage.checkpoints import latest_checkpoint
-from storage.files import atomic_write
+from storage.files import atomic_write, starts_with
 from storage.paths import state_dir
 from trainer.config import apply_overrides, config_from_dict, config_to_dict
 
@@ -93,7 +93,7 @@ def promote(
     if path.exists() and not path.is_file():
         raise SearchError(f"--out {path}: not a regular file (a device or a pipe?) — give a "
                           ".yaml file to write")
-    if path.exists() and not _written_by_promote(path):
+    if path.exists() and not starts_with(path, b"# Full run of trial"):
         raise SearchError(f"--out {path}: the file exists and was not written by "
                           "'amt-search promote' — remove it or give another --out")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,11 +118,6 @@ def _warn_if_not_searched(trial: Any, cfg: Any) -> None:
                     ", ".join(outside))
 
 
-def _written_by_promote(path: Path) -> bool:
-    with path.open("rb") as f:  # the header only: the file may be anything
-        return f.read(64).startswith(b"# Full run of trial")
-
-
 def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, str]]:
     """``amt-train --config FILE`` (``--resume`` when its run directory holds a checkpoint),
     under ``torchrun --nproc-per-node N`` for N > 1 GPUs; and its environment."""
@@ -144,14 +139,12 @@ def _check_same_run(config: Path, out_dir: Path) -> None:
     """A checkpoint in ``out_dir`` is resumed only when it was trained with ``config``'s
     settings: one left by a run with others (``--set train.max_steps=...``) would continue
     under another schedule and mix two runs in one metrics.jsonl."""
-    from search.study import _changed_keys
-
     try:
         ran = yaml.safe_load((out_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return  # amt-train --resume checks what it can (corpus, model, optimiser)
     wanted = config_to_dict(config_from_dict(yaml.safe_load(config.read_text())))
-    changed = [k for k in _changed_keys(ran, wanted) if not k.startswith("meta")]
+    changed = changed_keys(ran, wanted, ignore=("meta",))
     if changed:
         raise SearchError(
             f"{out_dir} holds a checkpoint of a run with other settings ({', '.join(changed[:4])}"

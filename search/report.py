@@ -251,7 +251,7 @@ def full_runs_markdown(run_dirs: Sequence[Path]) -> str:
                    else "no test-split BLEU-4 (eval.test off)")
                 + f"; val loss {float(result.get('val_loss') or 0):.4f}")
             continue
-        evals = [m for m in _metrics_lines(d) if "bleu" in m]
+        evals = [m for m in _jsonl_rows(d / "metrics.jsonl") if "bleu" in m]
         if evals:
             last = evals[-1]
             lines.append(f"- `{d}`: not finished (running or stopped; `amt-train --resume` "
@@ -262,20 +262,22 @@ def full_runs_markdown(run_dirs: Sequence[Path]) -> str:
     return "\n".join(["", "## Full runs", "", *lines, ""]) if lines else ""
 
 
-def _metrics_lines(run: Path) -> list[dict[str, Any]]:
+def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (``metrics.jsonl``); none when it cannot be read; a
+    line cut short by a kill mid-write is skipped."""
     try:
-        text = (run / "metrics.jsonl").read_text()
+        lines = path.read_text().splitlines()
     except OSError:
         return []
-    out = []
-    for line in text.splitlines():
+    rows = []
+    for line in lines:
         try:
             m = json.loads(line)
-        except ValueError:
+        except json.JSONDecodeError:
             continue
         if isinstance(m, dict):
-            out.append(m)
-    return out
+            rows.append(m)
+    return rows
 
 
 def top_table(study: optuna.Study, cfg: SearchConfig, top: int = TOP_TRIALS) -> str:
@@ -412,18 +414,7 @@ def run_curve(run_dir: Path) -> Curve | None:
 
 
 def _jsonl_curve(path: Path, label: str, full_run: bool = False) -> Curve | None:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    rows = []
-    for line in lines:
-        try:
-            m = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill mid-write
-            continue
-        if isinstance(m, dict) and {"step", "train_loss", "val_loss"} <= m.keys():
-            rows.append(m)
+    rows = [m for m in _jsonl_rows(path) if {"step", "train_loss", "val_loss"} <= m.keys()]
     if not rows:
         return None
     return Curve(

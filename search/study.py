@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import warnings
@@ -33,12 +34,14 @@ from storage.urls import connect_error
 __all__ = [
     "CONFIG_ATTR",
     "TrialCounts",
+    "changed_keys",
     "count_trials",
     "create_study",
     "load_study",
     "make_pruner",
     "pruner_min_resource",
     "make_sampler",
+    "next_action",
     "open_worker_storage",
 ]
 
@@ -131,7 +134,8 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
                 continue
             if skip_if_exists:
                 study, existing = load_study(cfg.name, storage)
-                changed = _changed_keys(search_config_to_dict(existing), stored)
+                changed = changed_keys(search_config_to_dict(existing), stored,
+                                       ignore=("name",))
                 if changed:
                     log.warning(
                         "study %s exists with another configuration (%s differ%s): it is "
@@ -165,12 +169,14 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
     return study
 
 
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two stored configs (name excluded)."""
+def changed_keys(old: Any, new: Any, ignore: tuple[str, ...] = (), prefix: str = ""
+                 ) -> list[str]:
+    """Dotted keys whose values differ between two nested configs; top-level keys in
+    ``ignore`` are left out."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [k for key in sorted(set(old) | set(new), key=str)
-                if not (prefix == "" and key == "name")
-                for k in _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+                if not (prefix == "" and key in ignore)
+                for k in changed_keys(old.get(key), new.get(key), (), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
 
 
@@ -295,6 +301,32 @@ def _where(storage_url: str | None) -> str:
     from storage import resolve_url
 
     return mask_url(resolve_url(storage_url))
+
+
+def next_action(study: optuna.Study, cfg: SearchConfig) -> str:
+    """``run`` a trial, ``wait`` (the last trials run elsewhere and may need a retry) or
+    ``done``."""
+    trials = study.get_trials(deepcopy=False)
+    counts = count_trials(trials)
+    if cfg.timeout_s is not None:
+        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+        if starts and _elapsed_s(min(starts)) >= cfg.timeout_s:
+            log.info("study timeout (%.0f s since its first trial) reached", cfg.timeout_s)
+            if counts.waiting:
+                log.warning(
+                    "%d trial(s) wait to run (retries of stopped trials, warm starts) and will "
+                    "not start: the study's timeout_s (%.0f s) has passed since its first trial",
+                    counts.waiting, cfg.timeout_s)
+            return "done"
+    if counts.waiting:
+        return "run"
+    if cfg.n_trials is None or counts.started < cfg.n_trials:
+        return "run"
+    return "done" if counts.finished >= cfg.n_trials else "wait"
+
+
+def _elapsed_s(start: datetime.datetime) -> float:
+    return (datetime.datetime.now() - start).total_seconds()
 
 
 @dataclass(frozen=True)

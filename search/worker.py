@@ -18,7 +18,6 @@ checkpoint at its next optimiser step, is re-enqueued for retry, and the worker 
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 import signal
@@ -36,13 +35,13 @@ from sqlalchemy import text
 from search.config import SearchConfig
 from search.errors import SearchError
 from search.objective import DiskFull, Objective, TrialLost, WorkerStopped, claim_run_dirs
-from search.study import count_trials, load_study, open_worker_storage
+from search.study import count_trials, load_study, next_action, open_worker_storage
 from storage.errors import CheckpointError, StorageError, error_chain
 from storage.rdb import STOP_WAITING, storage_identity
 from storage.urls import connect_error
 from trainer.errors import ConfigError, TrainingFailed
 
-__all__ = ["next_action", "run_worker"]
+__all__ = ["run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -175,32 +174,6 @@ def _sweep_stale_trials(study: optuna.Study, every_s: float, done: threading.Eve
             _fail_stale_trials(study)
         except Exception as e:  # e.g. the storage gave up during a long outage: next round
             log.warning("stale-trial check failed (%s): trying again in %.0f s", e, every_s)
-
-
-def next_action(study: optuna.Study, cfg: SearchConfig) -> str:
-    """``run`` a trial, ``wait`` (the last trials run elsewhere and may need a retry) or
-    ``done``."""
-    trials = study.get_trials(deepcopy=False)
-    counts = count_trials(trials)
-    if cfg.timeout_s is not None:
-        starts = [t.datetime_start for t in trials if t.datetime_start is not None]
-        if starts and _elapsed_s(min(starts)) >= cfg.timeout_s:
-            log.info("study timeout (%.0f s since its first trial) reached", cfg.timeout_s)
-            if counts.waiting:
-                log.warning(
-                    "%d trial(s) wait to run (retries of stopped trials, warm starts) and will "
-                    "not start: the study's timeout_s (%.0f s) has passed since its first trial",
-                    counts.waiting, cfg.timeout_s)
-            return "done"
-    if counts.waiting:
-        return "run"
-    if cfg.n_trials is None or counts.started < cfg.n_trials:
-        return "run"
-    return "done" if counts.finished >= cfg.n_trials else "wait"
-
-
-def _elapsed_s(start: datetime.datetime) -> float:
-    return (datetime.datetime.now() - start).total_seconds()
 
 
 class StartLock:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "starts_with"]
 
 _UMASK = os.umask(0o022)  # read once, at import (os.umask can only read by setting)
 os.umask(_UMASK)
@@ -42,3 +42,10 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file ``path`` begins with ``prefix``, reading only that much (a file the
+    user named may be anything: huge, a device)."""
+    with path.open("rb") as f:
+        return f.read(len(prefix)) == prefix
