@@ -28,6 +28,18 @@ studies: several seeds at once), or one CPU worker each; compute is then GPU-sec
 (``wall_seconds`` of a one-GPU worker). A study cut by time that never reached the target would
 have needed more than it spent, so its ratio is a bound, as above.
 
+``--replay FILE`` gives a ``--task report`` result (FILE) its exact unpruned counterpart: the
+same trials, in the same order, each run to the full budget. Training is deterministic (the
+trial seed is the recipe's, and the same configuration gave the same BLEU-4 to the last digit
+on two H200 runs), so a trial Hyperband let finish is already what the unpruned study would
+have run, and only the pruned ones are re-run in full, enqueued in trial order on a
+no-pruning study, one GPU per seed, bounded by ``--time-s``. Their order and configurations
+are the unpruned TPE study's own for the enqueued trials and the sampler's random start-up
+(the first ``n_startup_trials`` after them draw the same values whatever the pruner); after
+that they are the trials Hyperband chose, run unpruned. The replay first re-runs the
+cheapest finished trial (``calibration``): its time against the original's says how far the
+two machines' timings differ, and it absorbs the new process's start-up.
+
 ``oracle`` bounds what any pruner could do on the unpruned study's own trials: one that knows
 every final BLEU-4 and stops each trial before the first one to reach the target at eval k
 (paying k / evals of its compute, start-up and evaluations pro rata, which flatters it), that
@@ -71,10 +83,13 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
 
 
 def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: list[str],
-                        n_trials: int, slots: list[int | None]) -> dict[int, dict[str, list]]:
+                        n_trials: int, slots: list[int | None],
+                        raws: dict[int, dict[str, Any]] | None = None,
+                        prefix: str = "pruning-report") -> dict[int, dict[str, list]]:
     """``--task report``: one study per (seed, pruner), created on ``url`` and run by
     ``amt-search launch`` with one worker, ``len(slots)`` of them at a time (a GPU index each,
-    or None: a CPU worker). Returns {seed: {pruner: rows}}."""
+    or None: a CPU worker). ``raws``: a study config per seed instead of search.yaml's
+    (``n_trials`` 0: as many as it enqueues). Returns {seed: {pruner: rows}}."""
     import copy
     import os
     import subprocess
@@ -85,15 +100,18 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
     from search.config import search_config_from_dict
     from search.study import create_study
 
-    base, _, _ = common.report_study_raw(args, wd, "pruning-report")
+    base = None if raws else common.report_study_raw(args, wd, "pruning-report")[0]
     jobs = []
     for seed in seeds:
         for pruner in pruners:
-            raw = copy.deepcopy(base)
-            raw["name"] = f"pruning-report-{pruner}-s{seed}"
+            raw = copy.deepcopy(raws[seed] if raws else base)
+            raw["name"] = f"{prefix}-{pruner}-s{seed}"
             raw["sampler"]["seed"] = seed
             raw["pruner"]["type"] = pruner  # search.yaml's rungs; ``none`` ignores them
-            raw.update(n_trials=n_trials, timeout_s=args.time_s)
+            for key in ("min_resource", "reduction_factor"):
+                if getattr(args, key, None) is not None:
+                    raw["pruner"][key] = getattr(args, key)
+            raw.update(n_trials=n_trials or len(raw["enqueue"]), timeout_s=args.time_s)
             create_study(search_config_from_dict(raw), url)
             jobs.append((seed, pruner, raw["name"]))
     for i in range(0, len(jobs), len(slots)):
@@ -116,6 +134,61 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
         out.setdefault(seed, {})[pruner] = trial_rows(optuna.load_study(study_name=name,
                                                                         storage=url))
     return out
+
+
+def replay_pruned(args: Any, wd: Any, url: str, source: dict[str, Any], pruner: str,
+                  slots: list[int | None]) -> dict[int, dict[str, list]]:
+    """``--replay``: for each seed of ``source`` (a ``--task report`` result), re-run its
+    ``pruner`` study's pruned trials to the full budget (``run_report_studies``' launch, pruner
+    none, the trials enqueued), then merge: {seed: {pruner: original rows, "none": rows}}."""
+    import copy
+
+    base, _, _ = common.report_study_raw(args, wd, "pruning-replay")
+    plans = []
+    for entry in source["per_seed"]:
+        rows = entry["trials"][pruner]
+        done = [r for r in rows if r["state"] == "COMPLETE" and r["wall_s"]]
+        if not done:
+            raise SystemExit(f"bench: seed {entry['seed']} has no complete {pruner} trial "
+                             "to calibrate the replay with")
+        calibration = min(done, key=lambda r: r["wall_s"])
+        pruned = [r for r in rows if r["state"] == "PRUNED"]
+        raw = copy.deepcopy(base)
+        raw["enqueue"] = [calibration["params"]] + [r["params"] for r in pruned]
+        plans.append((entry["seed"], raw, calibration, pruned))
+    replayed = run_report_studies(args, wd, url, [seed for seed, *_ in plans], ["none"],
+                                  0, slots, raws={seed: raw for seed, raw, *_ in plans},
+                                  prefix="pruning-replay")
+    out: dict[int, dict[str, list]] = {}
+    for (seed, _, calibration, _), entry in zip(plans, source["per_seed"], strict=True):
+        rows = entry["trials"][pruner]
+        merged, cal = merge_replay(rows, calibration, replayed[seed]["none"])
+        out[seed] = {pruner: rows, "none": merged,
+                     "calibration": {"trial": calibration["number"],
+                                     "wall_s": calibration["wall_s"], "bleu": calibration["bleu"],
+                                     "replay_wall_s": cal and cal["wall_s"],
+                                     "replay_bleu": cal and cal["bleu"]}}
+    return out
+
+
+def merge_replay(rows: list[dict[str, Any]], calibration: dict[str, Any],
+                 new: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict | None]:
+    """The unpruned counterpart of ``rows``: each trial as it finished there, or, when it was
+    pruned, its full-budget re-run from ``new`` (the replay study's rows: the calibration trial,
+    then the pruned trials in order), up to the first pruned trial without one. Returns it
+    and the calibration trial's re-run (None when it did not run)."""
+    new = sorted(new, key=lambda r: r["number"])
+    cal = new[0] if new and new[0]["params"] == calibration["params"] else None
+    todo = [r for r in new[1 if cal else 0:] if r["state"] == "COMPLETE"]
+    merged = []
+    for r in rows:
+        if r["state"] != "PRUNED":
+            merged.append(r)
+        elif todo and todo[0]["params"] == r["params"]:
+            merged.append({**todo.pop(0), "number": r["number"], "replayed": True})
+        else:
+            break  # not re-run in time: the unpruned sequence is known up to here
+    return merged, cal
 
 
 def warm_up(wd: Any, tiny: bool) -> None:
@@ -169,7 +242,7 @@ def summarise(studies: dict[str, list[dict[str, Any]]], tolerance: float,
     if "none" in studies:
         out["signal"] = signal(studies["none"])
         out["oracle"] = oracle(studies["none"], target, out["none"][f"{unit}_to_target"], unit)
-    for pruner in studies:
+    for pruner in studies if "none" in studies else []:
         if pruner == "none":
             continue
         row = out[pruner]
@@ -276,6 +349,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, default=240, help="report task: trial steps (240)")
     p.add_argument("--eval-every", type=int, default=40, help="report task (40)")
     p.add_argument("--eval-subset", type=int, default=300, help="report task (300)")
+    p.add_argument("--min-resource", type=int, default=None,
+                   help="report task: the pruner's first rung in evals (search.yaml's)")
+    p.add_argument("--reduction-factor", type=int, default=None,
+                   help="report task: the pruner's reduction factor (search.yaml's)")
+    p.add_argument("--pruned-only", action="store_true",
+                   help="report task: run the pruned studies only, two seeds at once on two "
+                   "GPUs; their unpruned counterparts come from a later --replay")
+    p.add_argument("--replay", metavar="FILE",
+                   help="a --task report result: run its unpruned counterpart (its pruned "
+                   "trials re-run in full, one GPU per seed) and compare; the trial budget and "
+                   "pruner settings are FILE's")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch (1: a worker per core; oversubscribed "
                    "threads spin and inflate CPU-seconds)")
@@ -284,12 +368,31 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    source = None
+    if args.replay:
+        import json
+        from pathlib import Path
+
+        source = json.loads(Path(args.replay).read_text())
+        args.task = "report"
+        args.seeds = ",".join(str(s["seed"]) for s in source["per_seed"])
+        args.pruners = ",".join(p for p in source["config"]["pruners"] if p != "none")
+        for key in ("max_steps", "eval_every", "eval_subset", "min_resource",
+                    "reduction_factor"):
+            if key not in source["config"]:
+                raise SystemExit(f"bench: {args.replay} has no config.{key} (a result from "
+                                 "before --replay): give --task report results of this version")
+            setattr(args, key, source["config"][key])
     report_task = args.task == "report"
     if report_task and args.tiny:
         args.max_steps, args.eval_every, args.eval_subset = 12, 4, 8
     n_trials = args.trials or (3 if args.tiny else 200 if report_task else 20)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     pruners = [x for x in args.pruners.split(",") if x.strip() and x != "none"] + ["none"]
+    if args.pruned_only and not args.replay:
+        if not report_task:
+            raise SystemExit("bench: --pruned-only is for --task report")
+        pruners = pruners[:-1]
     slots: list[int | None] = ([int(g) for g in args.gpus.split(",")] if args.gpus
                                else [None] * len(pruners))
     unit = "wall_s" if report_task and args.gpus else "cpu_s"
@@ -301,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     if report_task:
         task = {"task": f"configs/{'quickstart' if args.tiny else 'search'}.yaml's study",
                 "trial": f"{args.max_steps} steps, eval every {args.eval_every}",
+                "max_steps": args.max_steps, "eval_every": args.eval_every,
+                "eval_subset": args.eval_subset, "min_resource": args.min_resource,
+                "reduction_factor": args.reduction_factor,
                 "time_s_per_study": args.time_s, "gpus": args.gpus,
                 "compute": "GPU-seconds (wall_seconds of a one-GPU worker)" if args.gpus
                 else "objective's cpu_seconds (process CPU time) per trial"}
@@ -319,13 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     per_seed: list[dict[str, Any]] = []
     report["per_seed"] = per_seed
     try:
-        if report_task:
+        if source is not None:
+            if len(pruners) != 2:
+                raise SystemExit(f"bench: --replay takes a result of one pruner, {args.replay} "
+                                 f"has {pruners[:-1]}")
+            report["replay_of"] = args.replay
+            by_seed = replay_pruned(args, wd, url, source, pruners[0], slots)
+        elif report_task:
             by_seed = run_report_studies(args, wd, url, seeds, pruners, n_trials, slots)
         else:
             warm_up(wd, args.tiny)
             by_seed = {}
         for i, seed in enumerate(seeds):
             studies = by_seed.get(seed, {})
+            calibration = studies.pop("calibration", None)
             for pruner in [] if report_task else pruners if i % 2 == 0 else pruners[::-1]:
                 name = f"pruning-{pruner}-s{seed}"
                 log.info("study %s: %d trials ...", name, n_trials)
@@ -333,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.gpu)
             per_seed.append({"seed": seed, "summary": summarise(studies, args.tolerance, unit),
                              "trials": studies})
+            if calibration is not None:
+                per_seed[-1]["calibration"] = calibration
             report.save()
     finally:
         dbs.drop()

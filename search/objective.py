@@ -370,8 +370,10 @@ def _read_metrics(out_dir: Path) -> list[dict[str, float]]:
 
 
 def _curve(history: list[dict[str, float]]) -> dict[str, list[float]]:
-    """The eval history as columns, rounded: compact enough for a user attribute."""
-    keys = ("step", "train_loss", "val_loss", "bleu", "lr")
+    """The eval history as columns, rounded: compact enough for a user attribute. ``elapsed_s``
+    (the fit's seconds up to the end of that eval, set-up excluded) and ``eval_s`` say what a
+    trial stopped at that eval cost."""
+    keys = ("step", "train_loss", "val_loss", "bleu", "lr", "elapsed_s", "eval_s")
     return {k: [round(float(m[k]), 6) for m in history] for k in keys if k in history[0]}
 
 

@@ -241,6 +241,30 @@ def test_pruning_oracle_bound() -> None:
     assert pooled["ratio_at_eval"][2] == 0.5 and pooled["seeds"] == [1, 1]
 
 
+def test_pruning_replay_merge() -> None:
+    """The unpruned counterpart keeps the trials that finished, puts each pruned one's
+    full-budget re-run in its place, and stops at the first pruned trial not re-run."""
+    from bench.pruning import merge_replay, summarise
+
+    def row(n: int, state: str, bleu: float, wall: float) -> dict[str, Any]:
+        return {"number": n, "state": state, "bleu": bleu, "evals": 6 if state == "COMPLETE"
+                else 1, "cpu_s": wall, "wall_s": wall, "params": {"x": n}, "curve": None}
+
+    hb = [row(0, "COMPLETE", 5.0, 60.0), row(1, "PRUNED", 1.0, 10.0), row(2, "COMPLETE", 9.0,
+          60.0), row(3, "PRUNED", 0.5, 10.0), row(4, "PRUNED", 0.2, 10.0)]
+    cal = {**row(0, "COMPLETE", 5.0, 50.0)}
+    new = [cal, row(1, "COMPLETE", 3.0, 60.0), row(2, "COMPLETE", 9.5, 60.0)]
+    new[2]["params"] = {"x": 3}  # trial 3's re-run (replay numbers differ); 4: not re-run
+    merged, got = merge_replay(hb, hb[0], new)
+    assert got is cal
+    assert [(r["number"], r["bleu"], r.get("replayed", False)) for r in merged] == [
+        (0, 5.0, False), (1, 3.0, True), (2, 9.0, False), (3, 9.5, True)]
+    s = summarise({"hyperband": hb, "none": merged}, 0.5, "wall_s")
+    assert s["target_bleu"] == 9.0  # the replay found a better trial than Hyperband kept
+    assert s["hyperband"]["wall_s_to_target"] == 130.0 and s["none"]["wall_s_to_target"] == 180.0
+    assert merge_replay(hb, hb[0], [])[0] == hb[:1]
+
+
 def test_scaling(runs: dict[str, Any]) -> None:
     r = result(runs, "scaling")
     assert [run["workers"] for run in r["runs"]] == [1, 2]

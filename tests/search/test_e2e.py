@@ -117,3 +117,4 @@ def test_ctrl_c_saves_and_requeues_then_trials_resume(write_search: Callable[...
         before = trials[t.user_attrs["resumed_from"]]
         assert set(before.intermediate_values) < set(t.intermediate_values)
         assert t.user_attrs["curve"]["step"][-1] == 600
+        assert len(t.user_attrs["curve"]["elapsed_s"]) == len(t.user_attrs["curve"]["step"])
