@@ -34,11 +34,23 @@ trial seed is the recipe's, and the same configuration gave the same BLEU-4 to t
 on two H200 runs), so a trial Hyperband let finish is already what the unpruned study would
 have run, and only the pruned ones are re-run in full, enqueued in trial order on a
 no-pruning study, one GPU per seed, bounded by ``--time-s``. Their order and configurations
-are the unpruned TPE study's own for the enqueued trials and the sampler's random start-up
-(the first ``n_startup_trials`` after them draw the same values whatever the pruner); after
-that they are the trials Hyperband chose, run unpruned. The replay first re-runs the
-cheapest finished trial (``calibration``): its time against the original's says how far the
-two machines' timings differ, and it absorbs the new process's start-up.
+are the unpruned TPE study's own up to the sampler's ``n_startup_trials`` (search.yaml: 10,
+the enqueued ones included), whose draws do not depend on results; after that they are the
+trials Hyperband's TPE chose, run unpruned (an unpruned TPE study would have drawn others).
+The replay first re-runs the cheapest finished trial (``calibration``): its time against the
+original's says how far the two machines' timings differ, and it absorbs the new process's
+start-up.
+
+``--simulate FILE`` replays a pruner on recorded unpruned trials (FILE's ``none`` rows: a live
+unpruned study, or a ``--replay`` result): the service's own pruner (``search.study.make_pruner``
+of search.yaml with ``--pruners`` and ``--min-resource`` / ``--reduction-factor``) on an
+in-memory study of the live study's name (Hyperband's brackets hash it), fed each trial's
+recorded BLEU-4 curve; a trial it prunes at eval k costs its set-up (``wall_seconds`` minus the
+fit's ``elapsed_s``) plus ``elapsed_s`` at eval k. Training is deterministic, so the decisions
+are the live pruner's; only the costs are estimates. Only the trials before the sampler's
+``n_startup_trials`` (enqueued ones included) are used: after them TPE's draws depend on what
+the pruner did. Where FILE also holds the live pruned study (``--replay`` results), the
+simulated decisions and compute to target are printed beside the live ones (``validation``).
 
 ``oracle`` bounds what any pruner could do on the unpruned study's own trials: one that knows
 every final BLEU-4 and stops each trial before the first one to reach the target at eval k
@@ -104,7 +116,7 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
     jobs = []
     for seed in seeds:
         for pruner in pruners:
-            raw = copy.deepcopy(raws[seed] if raws else base)
+            raw: dict[str, Any] = copy.deepcopy(raws[seed] if raws else base)  # type: ignore[arg-type]
             raw["name"] = f"{prefix}-{pruner}-s{seed}"
             raw["sampler"]["seed"] = seed
             raw["pruner"]["type"] = pruner  # search.yaml's rungs; ``none`` ignores them
@@ -137,7 +149,7 @@ def run_report_studies(args: Any, wd: Any, url: str, seeds: list[int], pruners: 
 
 
 def replay_pruned(args: Any, wd: Any, url: str, source: dict[str, Any], pruner: str,
-                  slots: list[int | None]) -> dict[int, dict[str, list]]:
+                  slots: list[int | None]) -> dict[int, dict[str, Any]]:
     """``--replay``: for each seed of ``source`` (a ``--task report`` result), re-run its
     ``pruner`` study's pruned trials to the full budget (``run_report_studies``' launch, pruner
     none, the trials enqueued), then merge: {seed: {pruner: original rows, "none": rows}}."""
@@ -159,7 +171,7 @@ def replay_pruned(args: Any, wd: Any, url: str, source: dict[str, Any], pruner: 
     replayed = run_report_studies(args, wd, url, [seed for seed, *_ in plans], ["none"],
                                   0, slots, raws={seed: raw for seed, raw, *_ in plans},
                                   prefix="pruning-replay")
-    out: dict[int, dict[str, list]] = {}
+    out: dict[int, dict[str, Any]] = {}
     for (seed, _, calibration, _), entry in zip(plans, source["per_seed"], strict=True):
         rows = entry["trials"][pruner]
         merged, cal = merge_replay(rows, calibration, replayed[seed]["none"])
@@ -189,6 +201,81 @@ def merge_replay(rows: list[dict[str, Any]], calibration: dict[str, Any],
         else:
             break  # not re-run in time: the unpruned sequence is known up to here
     return merged, cal
+
+
+def simulate(rows: list[dict[str, Any]], pruner: Any, study_name: str
+             ) -> list[dict[str, Any]]:
+    """``pruner`` replayed on unpruned ``rows`` (in order, full curves with ``elapsed_s``): one
+    row per trial as the pruned study would have finished it, compute estimated."""
+    import optuna
+
+    study = optuna.create_study(study_name=study_name, direction="maximize", pruner=pruner)
+    out = []
+    for r in rows:
+        curve = r["curve"]
+        setup = r["wall_s"] - curve["elapsed_s"][-1]
+        trial = study.ask()
+        stopped = None
+        for k, bleu in enumerate(curve["bleu"][:-1], start=1):  # never pruned at the last eval
+            trial.report(bleu, k)
+            if trial.should_prune():
+                stopped = k
+                break
+        if stopped is None:
+            trial.report(curve["bleu"][-1], len(curve["bleu"]))
+            study.tell(trial, r["bleu"])
+            out.append({**r, "simulated": True})
+        else:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            cost = round(setup + curve["elapsed_s"][stopped - 1], 2)
+            out.append({**r, "state": "PRUNED", "bleu": curve["bleu"][stopped - 1],
+                        "evals": stopped, "wall_s": cost, "cpu_s": None, "simulated": True})
+    return out
+
+
+def simulate_file(args: Any, source: dict[str, Any], pruners: list[str]
+                  ) -> dict[int, dict[str, Any]]:
+    """``--simulate``: {seed: {pruner: simulated rows, "none": the recorded rows,
+    "validation": ...}} over the trials before TPE's ``n_startup_trials``."""
+    import copy
+
+    from search.config import load_search_config, search_config_from_dict, search_config_to_dict
+    from search.study import make_pruner
+
+    base = search_config_to_dict(load_search_config(common.REPO / "configs" / "search.yaml"))
+    base["truncation"].update(max_steps=args.max_steps, eval_every=args.eval_every,
+                              eval_subset=args.eval_subset)
+    out: dict[int, dict[str, Any]] = {}
+    for entry in source["per_seed"]:
+        seed, studies = entry["seed"], entry["trials"]
+        raw = copy.deepcopy(base)
+        limit = raw["sampler"]["n_startup_trials"] if raw["sampler"]["type"] == "tpe" else None
+        if "none" not in studies:
+            raise SystemExit(f"bench: {args.simulate} has no unpruned trials for seed {seed} "
+                             "(a --pruned-only result? give its --replay result)")
+        none = [r for r in studies["none"] if limit is None or r["number"] < limit]
+        if any(r["state"] != "COMPLETE" or not (r.get("curve") or {}).get("elapsed_s")
+               for r in none):
+            raise SystemExit(f"bench: seed {seed}: {args.simulate} has unpruned trials without a "
+                             "full curve with elapsed_s (a result from before --simulate)")
+        out[seed] = {"none": none}
+        for pruner in pruners:
+            raw["pruner"]["type"] = pruner
+            for key in ("min_resource", "reduction_factor"):
+                if getattr(args, key, None) is not None:
+                    raw["pruner"][key] = getattr(args, key)
+            name = f"pruning-report-{pruner}-s{seed}"
+            out[seed][pruner] = simulate(none, make_pruner(search_config_from_dict(raw)), name)
+            live = studies.get(pruner)
+            if live is not None:
+                out[seed].setdefault("validation", {})[pruner] = {
+                    "live": "".join("C" if r["state"] == "COMPLETE" else str(r["evals"])
+                                    for r in live[:len(none)]),
+                    "simulated": "".join("C" if r["state"] == "COMPLETE" else str(r["evals"])
+                                         for r in out[seed][pruner]),
+                    "live_wall_s": [r["wall_s"] for r in live[:len(none)]],
+                    "simulated_wall_s": [r["wall_s"] for r in out[seed][pruner]]}
+    return out
 
 
 def warm_up(wd: Any, tiny: bool) -> None:
@@ -360,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a --task report result: run its unpruned counterpart (its pruned "
                    "trials re-run in full, one GPU per seed) and compare; the trial budget and "
                    "pruner settings are FILE's")
+    p.add_argument("--simulate", metavar="FILE[,FILE]",
+                   help="replay --pruners (search.yaml's settings, or --min-resource / "
+                   "--reduction-factor) on FILE's recorded unpruned trials; no training")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch (1: a worker per core; oversubscribed "
                    "threads spin and inflate CPU-seconds)")
@@ -368,17 +458,28 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    source = None
-    if args.replay:
+    source: dict[str, Any] = {}
+    if args.simulate and args.replay:
+        raise SystemExit("bench: give --simulate or --replay, not both")
+    if args.replay or args.simulate:
+        args.replay = args.replay or args.simulate
         import json
         from pathlib import Path
 
-        source = json.loads(Path(args.replay).read_text())
+        files = args.replay.split(",") if args.simulate else [args.replay]
+        sources = [json.loads(Path(f).read_text()) for f in files]
+        source = sources[0]
+        for f, other in zip(files[1:], sources[1:], strict=True):
+            if any(other["config"].get(k) != source["config"].get(k)
+                   for k in ("max_steps", "eval_every", "eval_subset", "unit")):
+                raise SystemExit(f"bench: {f} has another trial budget than {files[0]}")
+            source = {**source, "per_seed": source["per_seed"] + other["per_seed"]}
         args.task = "report"
         args.seeds = ",".join(str(s["seed"]) for s in source["per_seed"])
-        args.pruners = ",".join(p for p in source["config"]["pruners"] if p != "none")
-        for key in ("max_steps", "eval_every", "eval_subset", "min_resource",
-                    "reduction_factor"):
+        if not args.simulate:
+            args.pruners = ",".join(p for p in source["config"]["pruners"] if p != "none")
+        for key in ("max_steps", "eval_every", "eval_subset") + (
+                () if args.simulate else ("min_resource", "reduction_factor")):
             if key not in source["config"]:
                 raise SystemExit(f"bench: {args.replay} has no config.{key} (a result from "
                                  "before --replay): give --task report results of this version")
@@ -396,10 +497,14 @@ def main(argv: list[str] | None = None) -> int:
     slots: list[int | None] = ([int(g) for g in args.gpus.split(",")] if args.gpus
                                else [None] * len(pruners))
     unit = "wall_s" if report_task and args.gpus else "cpu_s"
+    if args.simulate:
+        unit = source["config"]["unit"]
     wd = common.work_dir(args, "pruning")
     common.amt_home(wd)
-    server, where = common.server_url(args.storage)
     from storage.urls import mask_url
+
+    server, where = (("", "none: simulated") if args.simulate
+                     else common.server_url(args.storage))
 
     if report_task:
         task = {"task": f"configs/{'quickstart' if args.tiny else 'search'}.yaml's study",
@@ -418,14 +523,18 @@ def main(argv: list[str] | None = None) -> int:
                 "per trial", "torch_threads": args.threads}
     report = common.Report("pruning", args, {
         **task, "trials_per_study": n_trials, "seeds": seeds, "tolerance_bleu": args.tolerance,
-        "pruners": pruners, "unit": unit, "server": mask_url(server), "server_source": where,
+        "pruners": pruners, "unit": unit, "server": server and mask_url(server),
+        "server_source": where,
     })
-    dbs = common.ScratchDatabases(server, ["pruning"])
-    url = dbs.url("pruning")
+    dbs = None if args.simulate else common.ScratchDatabases(server, ["pruning"])
+    url = dbs.url("pruning") if dbs else ""
     per_seed: list[dict[str, Any]] = []
     report["per_seed"] = per_seed
     try:
-        if source is not None:
+        if args.simulate:
+            report["simulated_from"] = args.simulate
+            by_seed = simulate_file(args, source, pruners[:-1])
+        elif source:
             if len(pruners) != 2:
                 raise SystemExit(f"bench: --replay takes a result of one pruner, {args.replay} "
                                  f"has {pruners[:-1]}")
@@ -439,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, seed in enumerate(seeds):
             studies = by_seed.get(seed, {})
             calibration = studies.pop("calibration", None)
+            validation = studies.pop("validation", None)
             for pruner in [] if report_task else pruners if i % 2 == 0 else pruners[::-1]:
                 name = f"pruning-{pruner}-s{seed}"
                 log.info("study %s: %d trials ...", name, n_trials)
@@ -448,9 +558,12 @@ def main(argv: list[str] | None = None) -> int:
                              "trials": studies})
             if calibration is not None:
                 per_seed[-1]["calibration"] = calibration
+            if validation is not None:
+                per_seed[-1]["validation"] = validation
             report.save()
     finally:
-        dbs.drop()
+        if dbs:
+            dbs.drop()
     report["pooled"] = {p: pooled(per_seed, p, unit) for p in pruners if p != "none"}
     report["pooled"]["oracle"] = pooled_oracle(per_seed, unit)
     hb = report["pooled"].get("hyperband", {})

@@ -265,6 +265,26 @@ def test_pruning_replay_merge() -> None:
     assert merge_replay(hb, hb[0], [])[0] == hb[:1]
 
 
+def test_pruning_simulate() -> None:
+    """The pruner replayed on recorded curves: a trial stopped at eval k costs its set-up plus
+    the fit's elapsed seconds at eval k; the others keep their recorded cost."""
+    import optuna
+
+    from bench.pruning import simulate
+
+    def row(n: int, curve: list[float]) -> dict[str, Any]:
+        return {"number": n, "state": "COMPLETE", "bleu": curve[-1], "evals": 3, "wall_s": 35.0,
+                "cpu_s": 35.0, "params": {}, "curve": {"bleu": curve,
+                                                        "elapsed_s": [10.0, 20.0, 30.0]}}
+
+    rows = [row(0, [5.0, 6.0, 7.0]), row(1, [4.0, 5.0, 6.0]), row(2, [1.0, 1.0, 1.0])]
+    out = simulate(rows, optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0),
+                   "sim")
+    assert [r["state"] for r in out] == ["COMPLETE", "PRUNED", "PRUNED"]
+    assert [r["wall_s"] for r in out] == [35.0, 15.0, 15.0]  # 5 s set-up + 10 s to eval 1
+    assert out[1]["bleu"] == 4.0 and out[1]["evals"] == 1
+
+
 def test_scaling(runs: dict[str, Any]) -> None:
     r = result(runs, "scaling")
     assert [run["workers"] for run in r["runs"]] == [1, 2]
