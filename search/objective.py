@@ -374,7 +374,8 @@ def _curve(history: list[dict[str, float]]) -> dict[str, list[float]]:
     (the fit's seconds up to the end of that eval, set-up excluded) and ``eval_s`` say what a
     trial stopped at that eval cost."""
     keys = ("step", "train_loss", "val_loss", "bleu", "lr", "elapsed_s", "eval_s")
-    return {k: [round(float(m[k]), 6) for m in history] for k in keys if k in history[0]}
+    return {k: [round(float(m[k]), 6) for m in history] for k in keys
+            if all(k in m for m in history)}
 
 
 def _n_params(cfg: TrainConfig) -> int:
