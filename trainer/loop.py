@@ -664,6 +664,9 @@ class Run:
             references = [ex.tgt_text for ex in self.data.test]
             result.test_bleu = metrics.bleu(hypotheses, references, self.bleu_tokenize)[0]
             log.info("test split: BLEU-4 %.2f on %d pairs", result.test_bleu, len(references))
+        elif self.rank == 0 and self.cfg.eval.test:
+            log.warning("eval.test is on but the test split is empty (data.test_fraction 0, or "
+                        "too small a corpus): no test BLEU-4")
         if self.rank == 0:
             extra = {"device": str(self.device), "world_size": self.world,
                      "precision": self.precision, "params": self.model.param_counts()}

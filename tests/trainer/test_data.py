@@ -292,14 +292,40 @@ def test_missing_and_undecodable_files(tmp_path: Path) -> None:
                                val_path=str(tmp_path / "nope.tsv")))
     latin1 = tmp_path / "latin1.tsv"
     latin1.write_bytes("a\tb\ncaf\xe9\tcaf\xe9\n".encode("latin-1"))
-    with pytest.raises(ConfigError, match=r"latin1.tsv line 2: not UTF-8"):
+    with pytest.raises(ConfigError, match=r"latin1.tsv line 2: not UTF-8 .*lines 1-1 read as "
+                       r"UTF-8; if the file has another encoding, convert it .*else line 2 is "
+                       r"damaged"):
         load_corpus(DataConfig(source="tsv", path=str(latin1)))
+    gbk = tmp_path / "gbk.tsv"
+    gbk.write_bytes("起初\t太初\n".encode("gb18030"))
+    with pytest.raises(ConfigError, match=r"gbk.tsv line 1: not UTF-8 .*file -i FILE.*GB18030"):
+        load_corpus(DataConfig(source="tsv", path=str(gbk)))
     with pytest.raises(ConfigError, match="both set"):
         load_corpus(DataConfig(source="tsv", path=str(good), train_path=str(good)))
 
 
 # ---------------------------------------------------------------------------------------------
 # caches
+
+
+def test_tsv_trailing_tabs_and_odd_lines(tmp_path: Path) -> None:
+    """Trailing tabs (spreadsheet exports) are not columns; a third column, old Mac line
+    endings and a lone surrogate in JSONL are one line naming the file and line."""
+    path = tmp_path / "t.tsv"
+    path.write_text("".join(f"s{i}\tt{i}\t\t\n" for i in range(40)), encoding="utf-8")
+    c = load_corpus(DataConfig(source="tsv", path=str(path)))
+    assert ("s0", "t0") in c.train + c.val + c.test
+    path.write_text("a\tb\n" + "c\td\tsource: x\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"t.tsv line 2: expected 2 tab-separated columns, "
+                       r"got 3; the format is source<TAB>target"):
+        load_corpus(DataConfig(source="tsv", path=str(path)))
+    path.write_bytes(b"a\tb\rc\td\re\tf\n")
+    with pytest.raises(ConfigError, match=r"line 1: .*old Mac line endings"):
+        load_corpus(DataConfig(source="tsv", path=str(path)))
+    js = tmp_path / "c.jsonl"
+    js.write_text('{"en": "a", "zh": "b"}\n{"en": "x", "zh": "y \\ud83d"}\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c.jsonl line 2: 'zh' holds a lone surrogate"):
+        load_corpus(DataConfig(source="jsonl", path=str(js), src_field="en", tgt_field="zh"))
 
 
 def test_encodings_and_non_files_say_what_to_do(tmp_path: Path) -> None:
@@ -454,6 +480,8 @@ def test_bible_placeholder_verses_are_not_pairs() -> None:
     placeholder = corpus_module._bible_placeholder
     assert placeholder("-") and placeholder("***") and placeholder("(*)")
     assert placeholder("상동") and placeholder("(Missing KJV: For the Son of man ...)")
+    assert placeholder("(aynı)") and placeholder("(앞절과 동일)") and placeholder("(없음)")
+    assert placeholder("Verszeile ohne Text") and not placeholder("aynı gün")
     assert not placeholder("태초에 하나님이 천지를 창조하시니라")
     assert not placeholder("Jesus wept.")
 

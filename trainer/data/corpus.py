@@ -246,10 +246,16 @@ def _bible_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
 
 def _bible_placeholder(text: str) -> bool:
     """A verse that stands in for a missing one: no letter at all ('-', '***', '(*)': 800 in
-    the Bengali translation), 'same as above' (Korean), or another Bible's text pasted in
-    ('(Missing KJV: ...', '(ADDED FROM KJV: ...')."""
-    return (not any(ch.isalpha() for ch in text) or text == "상동"
+    the Bengali translation), 'same as above' or 'none' (Korean, Turkish, Portuguese:
+    ``BIBLE_PLACEHOLDERS``), or another Bible's text pasted in ('(Missing KJV: ...',
+    '(ADDED FROM KJV: ...')."""
+    return (not any(ch.isalpha() for ch in text) or text in BIBLE_PLACEHOLDERS
             or text.startswith(("(Missing KJV", "(ADDED FROM KJV")))
+
+
+# verses that only say "same as the previous verse" / "none" / "verse line without text"
+BIBLE_PLACEHOLDERS = frozenset({"상동", "(aynı)", "(앞절과 동일)", "(없음)",
+                                "Verszeile ohne Text"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,7 +337,13 @@ def _encoding_hint(raw: bytes, number: int) -> str:
         return ": the file is gzip-compressed; decompress it first (gunzip)"
     if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ": the file is UTF-16; convert it (iconv -f UTF-16 -t UTF-8 IN > OUT)"
-    return ": convert the file to UTF-8 (e.g. iconv -f latin1 -t UTF-8 IN > OUT)"
+    if number > 1:  # the lines before decoded: another encoding, or one damaged line
+        return (f": lines 1-{number - 1} read as UTF-8; if the file has another encoding, "
+                "convert it (find it with 'file -i FILE', then iconv -f ITS_ENCODING -t UTF-8 "
+                f"IN > OUT), else line {number} is damaged (a cut or stray byte): fix or "
+                "delete it")
+    return (": convert the file to UTF-8 from its encoding (find it with 'file -i FILE'; e.g. "
+            "iconv -f cp1252 / GB18030 / SHIFT_JIS / EUC-KR / cp1251 -t UTF-8 IN > OUT)")
 
 
 def _write_tsv(f: IO[bytes], pairs: list[Pair]) -> None:
@@ -340,8 +352,12 @@ def _write_tsv(f: IO[bytes], pairs: list[Pair]) -> None:
 
 def _parse_tsv(line: str) -> Pair:
     columns = line.split("\t")
+    while len(columns) > 2 and not columns[-1].strip():
+        columns.pop()  # trailing tabs (spreadsheet exports)
     if len(columns) != 2:
-        raise ValueError(f"expected 2 tab-separated columns, got {len(columns)}")
+        hint = ("; the line holds carriage returns: old Mac line endings? (tr '\\r' '\\n')"
+                if "\r" in line else "; the format is source<TAB>target, one pair a line")
+        raise ValueError(f"expected 2 tab-separated columns, got {len(columns)}{hint}")
     return columns[0], columns[1]
 
 
@@ -359,6 +375,11 @@ def _jsonl_parser(src_field: str, tgt_field: str) -> Callable[[str], Pair]:
                 raise ValueError(f"missing key '{field}' (keys: {', '.join(map(str, record))})")
             if not isinstance(record[field], str):
                 raise ValueError(f"'{field}' must be a string, got {type(record[field]).__name__}")
+            try:
+                record[field].encode("utf-8")
+            except UnicodeEncodeError as e:  # "\ud83d": half of an escaped emoji
+                raise ValueError(f"'{field}' holds a lone surrogate escape "
+                                 f"({record[field][e.start]!r}, a cut-off character)") from None
             values.append(record[field])
         return values[0], values[1]
 
