@@ -196,6 +196,7 @@ class Objective:
         self.device = device  # "cuda" or "cpu": what the compute seconds are
         self.on_trial_start: list[Any] = []  # called with the trial once it exists
         self.lost: int | None = None  # the trial the last call lost (raised TrialLost)
+        self._corpus: dict[str, Any] | None = None  # the study's pinned corpus, read once
 
     def __call__(self, trial: optuna.Trial) -> float:
         for fn in self.on_trial_start:
@@ -209,6 +210,25 @@ class Objective:
                 f"trial {trial.number} was failed by another worker while this one was stopped "
                 "for longer than the grace period; its retry runs there"
             ) from e
+
+    def _check_corpus(self, trial: optuna.Trial, train_cfg: TrainConfig) -> None:
+        """ConfigError when a corpus file holds other pairs than at create-study: its trials'
+        BLEU-4 would not be comparable with the earlier ones."""
+        from search.study import CORPUS_ATTR
+        from trainer.data.corpus import corpus_change
+
+        if self._corpus is None:
+            study = trial.study
+            self._corpus = dict(study._storage.get_study_system_attrs(study._study_id)
+                                .get(CORPUS_ATTR) or {})
+        if not self._corpus:
+            return  # the Bible, or a study made before corpora were pinned
+        changed = corpus_change(train_cfg.data, self._corpus)
+        if changed:
+            raise ConfigError(
+                f"{changed}: the file changed since create-study (other sentence pairs): this "
+                "study's trials would not be comparable; put the file back, or create a new "
+                "study on it")
 
     def _run(self, trial: optuna.Trial) -> float:
         params = {p.name: suggest(trial, p) for p in self.cfg.space}
@@ -235,6 +255,7 @@ class Objective:
         wall0, cpu0 = time.perf_counter(), time.process_time()
         started_at = time.time()
         try:
+            self._check_corpus(trial, train_cfg)
             result = trainer.fit(train_cfg, [callback], resume=resume)
         except optuna.TrialPruned as e:
             log.info("trial %d pruned: %s", trial.number, e)

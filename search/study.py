@@ -33,6 +33,7 @@ from storage.urls import connect_error
 
 __all__ = [
     "CONFIG_ATTR",
+    "CORPUS_ATTR",
     "TrialCounts",
     "changed_keys",
     "count_trials",
@@ -48,6 +49,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONFIG_ATTR = "amt_search:config"  # study system attribute holding search_config_to_dict(cfg)
+CORPUS_ATTR = "amt_search:corpus"  # a file corpus's signature (trainer.data.corpus_signature)
 MAX_CONFIG_BYTES = 1_000_000
 
 
@@ -71,7 +73,7 @@ def create_study(
     from trainer.metrics import resolve_tokenize
 
     trial_cfg = trial_train_config(cfg, {}, out_dir=".")
-    check_corpus(trial_cfg.data)  # here, not in the first trial
+    corpus = check_corpus(trial_cfg.data)  # here, not in the first trial
     resolve_tokenize(trial_cfg.eval.bleu_tokenize, [])  # a tokeniser this host can run
     stored = search_config_to_dict(cfg)
     try:
@@ -89,7 +91,7 @@ def create_study(
         check_run_dirs(cfg.name, identity)  # ran here)
     storage = _open(storage_url, cfg)
     with _creation_lock(storage, cfg.name):  # a concurrent create-study waits, then sees it
-        return _create(storage, cfg, storage_url, stored, skip_if_exists)
+        return _create(storage, cfg, storage_url, stored, skip_if_exists, corpus)
 
 
 @contextlib.contextmanager
@@ -115,7 +117,7 @@ def _creation_lock(storage: Any, name: str) -> Iterator[None]:
 
 
 def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: dict[str, Any],
-            skip_if_exists: bool) -> optuna.Study:
+            skip_if_exists: bool, corpus: dict[str, Any] | None = None) -> optuna.Study:
     for attempt in range(2):
         try:
             study = optuna.create_study(
@@ -153,6 +155,8 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
     try:
         for params in cfg.enqueue:
             study.enqueue_trial(dict(params), user_attrs={"warm_start": True})
+        if corpus is not None:  # the files' pairs: a worker refuses them changed
+            storage.set_study_system_attr(study._study_id, CORPUS_ATTR, corpus)
         # last: a study with its config is complete (workers and --skip-if-exists rely on it)
         storage.set_study_system_attr(study._study_id, CONFIG_ATTR, stored)
     except BaseException:

