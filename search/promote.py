@@ -80,7 +80,9 @@ def promote(
          "eval.test": True},
     )
     # every key written out: the file keeps its meaning if a default changes later
-    raw = config_to_dict(config_from_dict(recipe))
+    full = config_from_dict(recipe)
+    _warn_if_corpus_changed(study, full.data)
+    raw = config_to_dict(full)
     raw["meta"] = {**raw["meta"], **meta}
     path = Path(out) if out is not None else Path(f"{study_name}-trial-{trial_number}.yaml")
     header = (
@@ -116,6 +118,26 @@ def _warn_if_not_searched(trial: Any, cfg: Any) -> None:
     if outside:
         log.warning("trial %d has values outside the study's space: %s", trial.number,
                     ", ".join(outside))
+
+
+def _warn_if_corpus_changed(study: Any, data: Any) -> None:
+    """The study's pinned corpus files hold other pairs now: the full run would train and
+    score on data its trials never saw (promoted all the same, with a warning)."""
+    from search.study import CORPUS_ATTR
+    from trainer.data.corpus import corpus_change
+    from trainer.errors import ConfigError
+
+    pinned = study._storage.get_study_system_attrs(study._study_id).get(CORPUS_ATTR)
+    if not pinned:
+        return
+    try:
+        changed = corpus_change(data, dict(pinned))
+    except ConfigError as e:
+        log.warning("%s: the full run cannot read it", e)
+        return
+    if changed:
+        log.warning("%s: the file changed since create-study: the full run trains and scores on "
+                    "other sentence pairs than the trials did", changed)
 
 
 def train_command(config: Path, gpus: list[int]) -> tuple[list[str], dict[str, str]]:

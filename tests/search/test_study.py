@@ -378,6 +378,12 @@ def test_leaderboard_formats_and_promote(
     assert full.train.out_dir.endswith("runs/tiny/full-trial-2")
     assert full.meta["storage"].startswith("postgresql")
     assert yaml.safe_load(path.read_text())["meta"]["params"]["model.d_model"] == 64
+    assert "changed since create-study" not in caplog.text
+    corpus = Path(yaml.safe_load((tmp_path / "train.yaml").read_text())["data"]["path"])
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("a new source\ta new target\n")
+    promote("tiny", 2, out=tmp_path / "full.yaml")  # promoted on the new pairs, with a warning
+    assert "the file changed since create-study: the full run trains" in caplog.text
 
     with pytest.raises(SearchError, match=r"trial 7 is not in study 'tiny' .*complete: 0, 2"):
         promote("tiny", 7)
