@@ -262,7 +262,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not _STUDY_NAME.fullmatch(self.name):
             raise ConfigError(
-                f"name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-' "
+                f"name {self.name!r} must be 1-100 ASCII letters, digits, '.', '_' or '-' "
                 "(it names the study and its run directory)"
             )
         if self.n_trials is None and self.timeout_s is None:
@@ -338,7 +338,8 @@ def load_search_config(path: str | Path) -> SearchConfig:
     try:
         base_raw = read_yaml(base_path)
     except ConfigError as e:
-        raise ConfigError(f"{p}: base_config: {e}") from None
+        where = "" if Path(base).is_absolute() else f" (relative to {p.parent.resolve()}/)"
+        raise ConfigError(f"{p}: base_config{where}: {e}") from None
     if not isinstance(base_raw, dict):
         raise ConfigError(f"{base_path}: the top level must be a mapping")
     # relative corpus paths mean the directory create-study runs in (as for amt-train); stored

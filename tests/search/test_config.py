@@ -129,7 +129,8 @@ def test_yaml_files_report_file_and_line(tmp_path: Path) -> None:
     raw = tiny_search()
     raw["base_config"] = "nope.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ConfigError, match="base_config: config file not found: .*nope.yaml"):
+    with pytest.raises(ConfigError, match=r"base_config \(relative to .*/\): config file not "
+                       r"found: .*nope.yaml"):
         load_search_config(bad)
 
 

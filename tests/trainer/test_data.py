@@ -93,6 +93,10 @@ def test_bible_other_pair_and_unknown_translation() -> None:
     assert de_es.train[0][0].startswith("Im Anfang")
     with pytest.raises(ConfigError, match=r"data.bible_tgt: unknown Bible translation 'x'.*5=FR"):
         load_corpus(DataConfig(bible_tgt="x"))
+    with pytest.raises(ConfigError, match=r"'zh': did you mean 'c' \(ZH New Chinese"):
+        load_corpus(DataConfig(bible_tgt="zh"))
+    with pytest.raises(ConfigError, match=r"'C': did you mean 'c' .*case-sensitive"):
+        load_corpus(DataConfig(bible_tgt="C"))
 
 
 def test_prepare_bible_figures(bible: PreparedData) -> None:

@@ -219,6 +219,14 @@ def _check_bible_codes(cfg: DataConfig) -> None:
     known = {t.code: t for t in bible_translations()}
     for key, code in (("data.bible_src", cfg.bible_src), ("data.bible_tgt", cfg.bible_tgt)):
         if code not in known:
+            text = str(code).strip()
+            close = [t for t in known.values()
+                     if text.lower() in (t.code.lower(), t.language.lower())]
+            if close:  # 'C' for 'c', or a language: 'zh', 'FR'
+                hint = " or ".join(f"'{t.code}' ({t.language} {t.name})" for t in close)
+                raise ConfigError(f"{key}: unknown Bible translation '{code}': did you mean "
+                                  f"{hint}? (codes are one case-sensitive character; "
+                                  "python -m trainer.data --list)")
             listing = ", ".join(f"{t.code}={t.language} {t.name}" for t in known.values())
             raise ConfigError(
                 f"{key}: unknown Bible translation '{code}' (available: {listing}); "
