@@ -28,7 +28,6 @@ Failure handling:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ import trainer
 from search.config import ParamSpec, SearchConfig, trial_train_config
 from search.errors import SearchError
 from storage.checkpoints import keep_newest, latest_checkpoint
-from storage.errors import CheckpointError, error_chain, os_error_in
+from storage.errors import WRITE_ERRNOS, CheckpointError, error_chain, os_error_in, write_hint
 from storage.files import atomic_write
 from storage.paths import state_dir
 from trainer.config import TrainConfig
@@ -233,7 +232,12 @@ class Objective:
     def _run(self, trial: optuna.Trial) -> float:
         params = {p.name: suggest(trial, p) for p in self.cfg.space}
         out_dir = run_dir(trial.study.study_name, trial.number)
-        resume = self._prepare_run_dir(trial, out_dir)
+        try:
+            resume = self._prepare_run_dir(trial, out_dir)
+        except OSError as e:  # a read-only or full file system before the trial started
+            if not _disk_full(e):
+                raise
+            raise self._disk_full_stop(trial, out_dir, e) from e
         name = f"{trial.study.study_name}-trial-{trial.number}"
         try:
             train_cfg = trial_train_config(self.cfg, params, out_dir=out_dir, name=name)
@@ -295,14 +299,7 @@ class Objective:
                 raise
             # every trial of this worker would hit it: the trial waits for a retry (from its
             # last checkpoint, which a failed write leaves intact) and the worker stops
-            message = (str(e).splitlines() or [type(e).__name__])[0]
-            _enqueue_retry(trial, bounded=False)
-            trial.set_user_attr("fail_reason", "disk_full")
-            trial.set_user_attr("fail_message", message)
-            raise DiskFull(
-                f"trial {trial.number}: {message}; the trial is queued to resume from its last "
-                f"checkpoint: free space under {out_dir.parent} and run the workers again"
-            ) from e
+            raise self._disk_full_stop(trial, out_dir, e) from e
         finally:
             self._record(trial, out_dir, callback.history, wall0, cpu0)
             ends = callback.step_ends + [None] * (2 - len(callback.step_ends))
@@ -324,6 +321,23 @@ class Objective:
             trial.set_user_attr(key, value)
         log.info("trial %d complete: BLEU-4 %.2f", trial.number, result.bleu)
         return result.bleu
+
+    @staticmethod
+    def _disk_full_stop(trial: optuna.Trial, out_dir: Path, e: BaseException) -> DiskFull:
+        """The trial waits for a retry (from its last checkpoint, which a failed write leaves
+        intact); the worker stops: every trial of it would hit the same."""
+        cause = os_error_in(e)
+        message = (str(e).splitlines() or [type(e).__name__])[0]
+        hint = write_hint(cause) if cause is not None else ""
+        where = (Path(str(cause.filename)).parent if cause is not None and cause.filename
+                 else out_dir.parent)  # the data cache fills up too
+        _enqueue_retry(trial, bounded=False)
+        trial.set_user_attr("fail_reason", "disk_full")
+        trial.set_user_attr("fail_message", message)
+        return DiskFull(
+            f"trial {trial.number}: {message}; the trial is queued to resume from its last "
+            f"checkpoint; under {where}{hint or ': free disk space'}, then run the "
+            "workers again")
 
     def _prepare_run_dir(self, trial: optuna.Trial, out_dir: Path) -> bool:
         """Fill ``out_dir`` for this trial; True when there is a checkpoint to resume."""
@@ -424,9 +438,10 @@ def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> None:
 
 
 def _disk_full(error: BaseException) -> bool:
-    """True when what went wrong is ENOSPC / EDQUOT (no space, quota exceeded)."""
+    """True when the file system refused a write whatever the file: no space, quota
+    exceeded, the file-size limit, read-only (``storage.errors.WRITE_ERRNOS``)."""
     cause = os_error_in(error)
-    return cause is not None and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    return cause is not None and cause.errno in WRITE_ERRNOS
 
 
 def _run_dir_error(error: BaseException, out_dir: Path) -> str | None:
@@ -446,7 +461,8 @@ def _run_dir_error(error: BaseException, out_dir: Path) -> str | None:
 def _drop_checkpoints(out_dir: Path) -> None:
     """Checkpoints of a trial that will never resume are dead weight (GBs at report size);
     the metrics and config files stay."""
-    for path in [*out_dir.glob("ckpt_*.pt"), out_dir / "manifest.json"]:
+    for path in [*out_dir.glob("ckpt_*.pt"), *out_dir.glob(".ckpt_*.tmp"),
+                 out_dir / "manifest.json"]:
         path.unlink(missing_ok=True)
 
 

@@ -99,6 +99,7 @@ def keep_newest(run_dir: Path | str, keep: int = 1) -> None:
     if not (run_dir / MANIFEST).exists():
         return
     with _manifest_lock(run_dir):
+        _remove_dead_temps(run_dir)  # a killed earlier attempt's half-written checkpoint
         entries = _read_manifest(run_dir)
         if len(entries) > keep:
             _commit(run_dir, entries, keep)

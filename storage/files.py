@@ -30,8 +30,10 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], mode: int | None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename in (None, tmp):
+            e.filename = str(path)  # name the file meant, not the temporary one (or none)
         raise
     fsync_dir(path.parent)
 

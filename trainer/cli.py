@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from storage.errors import CheckpointError, StorageError
+from storage.errors import WRITE_ERRNOS, CheckpointError, StorageError, os_error_in, write_hint
 from trainer.config import TrainConfig, load_config, parse_override
 from trainer.errors import ConfigError, TrainingFailed
 
@@ -125,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    cfg: TrainConfig | None = None
     try:
         cfg = load(args)
         if args.describe:
@@ -142,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"amt-train: error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
-        if e.step is None:
+        if e.step is None or cfg is None:
             print(f"amt-train: {e}", file=sys.stderr)
         else:
             print(f"amt-train: {e}; checkpoint saved in {cfg.train.out_dir} — continue with "
@@ -152,9 +153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("amt-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.filename is None:
+        cause = os_error_in(e) if e.filename is None else e
+        if cause is None or (cause.filename is None and cause.errno not in WRITE_ERRNOS):
             raise
-        print(f"amt-train: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        out = cfg.train.out_dir if cfg is not None else "the run directory"
+        where = cause.filename or f"a file under {out} or the data cache"
+        print(f"amt-train: error: {where}: {cause.strerror}{write_hint(cause)}", file=sys.stderr)
         return 2
     if rank == 0:
         print(f"BLEU-4 {result.bleu:.2f}, val loss {result.val_loss:.4f} (best "

@@ -52,6 +52,7 @@ from storage.checkpoints import (
     verify,
 )
 from storage.errors import CheckpointError
+from storage.files import atomic_write
 from trainer import attention, gelu, metrics
 from trainer import loss as loss_kernels
 from trainer import norm as norm_kernels
@@ -538,10 +539,10 @@ class Run:
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             text = yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False)
-            (self.out_dir / "config.yaml").write_text(text)
+            _write(self.out_dir / "config.yaml", text)
             # metrics.jsonl always matches the history we continue from
             lines = "".join(json.dumps(m) + "\n" for m in self.progress.history)
-            (self.out_dir / "metrics.jsonl").write_text(lines)
+            _write(self.out_dir / "metrics.jsonl", lines)
         counts = self.model.param_counts()
         log.info("model: %s parameters (%s non-embedding); %s on %s x%d, precision %s",
                  f"{counts['total']:,}", f"{counts['non_embedding']:,}", self.cfg.name,
@@ -598,8 +599,12 @@ class Run:
             log.info("step %d: train loss %.4f, val loss %.4f, BLEU %.2f, %.0f tok/s (eval %.1fs)",
                      p.step, m["train_loss"], m["val_loss"], m["bleu"], m["tokens_per_s"],
                      m["eval_s"])
-            with open(self.out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(m) + "\n")
+            try:
+                with open(self.out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(m) + "\n")
+            except OSError as e:  # a full disk: name the file (a torn line is cut on resume)
+                e.filename = e.filename or str(self.out_dir / "metrics.jsonl")
+                raise
         if self.world > 1:  # sync: every rank keeps the same bookkeeping
             box = [m]
             dist.broadcast_object_list(box, src=0)
@@ -671,7 +676,7 @@ class Run:
             extra = {"device": str(self.device), "world_size": self.world,
                      "precision": self.precision, "params": self.model.param_counts()}
             text = json.dumps({**asdict(result), **extra}, indent=2)
-            (self.out_dir / "result.json").write_text(text + "\n")
+            _write(self.out_dir / "result.json", text + "\n")
             log.info("done (%s): BLEU %.2f, val loss %.4f after %d steps", stopped_by,
                      result.bleu, result.val_loss, p.step)
         return result
@@ -921,3 +926,14 @@ class Run:
                         "schedule follows the new values from step %d",
                         ", ".join(changed[:6]) + (", ..." if len(changed) > 6 else ""),
                         self.progress.step)
+
+
+def _write(path: Path, text: str) -> None:
+    """Write a run file whole or not at all (a full disk leaves no half-written file); an
+    OSError names the file."""
+    try:
+        atomic_write(path, lambda f: f.write(text.encode()))
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise

@@ -63,6 +63,7 @@ SCENARIOS = (
     "CUDA OOM at the smallest micro-batch",
     "disk full while checkpointing",
     "disk full in a search trial",
+    "read-only disk in a search trial",
     "bad input (CLI table)",
 )
 _HEADER = "| scenario | runs | survived | lost | seconds | what was checked |"

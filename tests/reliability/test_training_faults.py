@@ -146,6 +146,27 @@ def test_disk_full_while_checkpointing_through_fit(
     assert resumed.steps == 12 and os.path.exists(resumed.checkpoint or "")
 
 
+def test_amt_train_on_a_full_disk_is_one_line_and_leaves_no_half_file(
+    small_disk: Path, corpus_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk is full before the run writes anything: amt-train exits 2 with one line
+    naming the file, and no empty config.yaml is left behind."""
+    from trainer.cli import main
+
+    raw = yaml.safe_load((corpus_dir / "train.yaml").read_text())
+    raw["train"].update({"max_steps": 4, "eval_every": 4})
+    config = corpus_dir / "full-disk.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    (small_disk / "run").mkdir()
+    _fill(small_disk / "filler")
+    rc = main(["--config", str(config), "--out-dir", str(small_disk / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("amt-train: error: ") and "run/config.yaml" in err[0]
+    assert "No space left on device: free disk space" in err[0]
+    assert not (small_disk / "run" / "config.yaml").exists()
+
+
 def test_disk_full_in_a_trial_stops_the_worker_and_the_retry_resumes(
     forkserver: ForkServer, corpus_dir: Path, new_database: Callable[[], str], tmp_path: Path,
     small_disk: Path, record: Callable[..., None],
@@ -197,3 +218,53 @@ def test_disk_full_in_a_trial_stops_the_worker_and_the_retry_resumes(
     assert stopped_ok, (rc, text[-3000:], [(t.state, t.user_attrs) for t in trials], checks,
                         left)
     assert resumed_ok, (rc2, again.tail(), resumed)
+
+
+def test_read_only_disk_in_a_trial_stops_the_worker_and_the_retry_resumes(
+    forkserver: ForkServer, corpus_dir: Path, new_database: Callable[[], str], tmp_path: Path,
+    small_disk: Path, record: Callable[..., None],
+) -> None:
+    """The run directories' file system turns read-only mid-trial (remount ro, as after I/O
+    errors): like a full disk, the worker stops with one line, the trial waits in the queue;
+    writable again, a worker resumes it. (Was: run_dir retries that failed for good.)"""
+    started = time.monotonic()
+    study = make_study(tmp_path, corpus_dir, new_database(), "rodisk", n_trials=1,
+                       truncation={"max_steps": 400, "eval_every": 4, "eval_subset": 8,
+                                   "warmup": 0.1})
+    study = dataclasses.replace(study, home=small_disk)
+    run = study.run_dir(0)
+    worker = study.spawn(forkserver, 0)
+    wait_for(lambda: (run / "manifest.json").exists() or worker.poll() is not None, 120,
+             "trial 0's first checkpoint")
+    try:  # the kernel refuses (busy) while a file is open for writing: the worker's writes
+        wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro", str(small_disk)],
+                                        capture_output=True).returncode == 0
+                 or worker.poll() is not None, 60, "a read-only remount")
+        rc = worker.wait(120)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        if worker.poll() is None:
+            worker.signal(9)
+            worker.wait(30)
+    text = worker.text()
+    trials = study.study().get_trials(deepcopy=False)
+    last = text.strip().splitlines()[-1]
+    stopped_ok = (
+        rc == 2 and "Traceback" not in text and last.startswith("amt-search: error: trial 0:")
+        and "Read-only file system" in last and "remount it writable" in last
+        and trials[0].user_attrs.get("fail_reason") == "disk_full"
+        and len(trials) == 2 and trials[1].state == TrialState.WAITING
+    )
+    again = study.spawn(forkserver, 1)
+    rc2 = again.wait(120)
+    trials = study.study().get_trials(deepcopy=False)
+    resumed_ok = (rc2 == 0 and trials[1].state == TrialState.COMPLETE
+                  and trials[1].user_attrs.get("resumed_from") == 0)
+    print(last)
+    record("read-only disk in a search trial", 1, int(stopped_ok and resumed_ok),
+           time.monotonic() - started,
+           "run directories' file system remounted read-only mid-trial: the worker exits 2 "
+           "with one line (no traceback); trial FAIL 'disk_full' + a queued retry; writable "
+           "again, a new worker resumes and completes it")
+    assert stopped_ok, (rc, text[-3000:], [(t.state, t.user_attrs) for t in trials])
+    assert resumed_ok, (rc2, again.tail())
