@@ -354,11 +354,14 @@ class Objective:
                 for older in history:  # superseded by the copy: GBs per attempt at full size
                     _drop_checkpoints(run_dir(trial.study.study_name, older))
                 trial.set_user_attr("resumed_from", number)
-                # the evals before the checkpoint, so the trial's BLEU-4 curve is whole
+                # the evals before the checkpoint, so the trial's BLEU-4 curve is whole (not
+                # those after it: a killed attempt may have logged an eval it never saved)
+                ckpt = latest_checkpoint(out_dir)
+                upto = int(ckpt.stem.split("_")[-1]) if ckpt is not None else 0
                 for m in _read_metrics(out_dir):
-                    trial.report(
-                        float(m["bleu"]), math.ceil(m["step"] / self.cfg.truncation.eval_every)
-                    )
+                    if m["step"] <= upto:
+                        trial.report(float(m["bleu"]),
+                                     math.ceil(m["step"] / self.cfg.truncation.eval_every))
                 return True
         trial.set_user_attr("resumed_from", None)  # retried, but from scratch
         return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from storage import embedded
@@ -16,13 +17,16 @@ def register(sub: Any) -> None:
         help="see or stop the embedded PostgreSQL server",
         description="status: is the embedded PostgreSQL running, where, how many clients. "
         "url: the storage URL amt-search uses (--storage, else $AMT_STORAGE_URL, else the "
-        "embedded server, which it starts if needed). stop: stop the embedded server; workers "
-        "using it lose their connection.",
+        "embedded server, which it starts if needed). stop: stop the embedded server; refused "
+        "while clients are connected (running workers would start it again) unless --force.",
     )
     p.add_argument("action", choices=["status", "url", "stop"])
     p.add_argument("--storage", metavar="URL", help="url: the storage URL to show (default: "
                    "$AMT_STORAGE_URL); status and stop always concern the embedded server")
     p.add_argument("--show-password", action="store_true", help="print the URL with its password")
+    p.add_argument("--force", action="store_true",
+                   help="stop: stop the server even with clients connected (they get a "
+                   "connection error; a worker waits and starts it again)")
     p.set_defaults(func=_run)
 
 
@@ -35,6 +39,13 @@ def _run(args: argparse.Namespace) -> int:
         if external and not embedded.is_embedded_url(external):
             print(f"note: {mask_url(external)} is not the embedded server; stopping the "
                   "embedded one only")
+        clients = embedded.status().get("connections") if not args.force else None
+        if clients:
+            print(f"amt-search: error: the embedded PostgreSQL has {clients} client "
+                  "connection(s) (workers, the dashboard?): running workers would start it "
+                  "again; stop them first (Ctrl-C the launch), or pass --force",
+                  file=sys.stderr)
+            return 2
         stopped = embedded.stop()
         print(
             "stopped the embedded PostgreSQL"

@@ -231,6 +231,11 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool, quiet: bool = False) -> P
             "verified, so they are neither resumed nor overwritten — restore the manifest, "
             "or move them away or choose another out_dir")
     if listed and not resume:
+        if not any(c.ok for c in listed):  # --resume would fail: say so now
+            raise CheckpointError(
+                f"train.out_dir={out_dir} holds checkpoints, none of which verifies (the "
+                f"newest, {listed[-1].path.name}, {listed[-1].problem}): move the directory "
+                "away (or delete it) to start again, or choose another out_dir")
         raise ConfigError(f"train.out_dir={out_dir} already holds checkpoints; "
                           "resume it (--resume) or choose another out_dir")
     if not listed:
@@ -240,7 +245,8 @@ def _checkpoint_to_resume(out_dir: Path, resume: bool, quiet: bool = False) -> P
     good = [c for c in listed if c.ok]
     if not good:  # the error says why; no warning per checkpoint before it
         raise CheckpointError(f"no checkpoint in {out_dir} verifies (the newest, "
-                              f"{listed[-1].path.name}, {listed[-1].problem})")
+                              f"{listed[-1].path.name}, {listed[-1].problem}): move the "
+                              "directory away (or delete it) to start again")
     for skipped in listed[listed.index(good[-1]) + 1:]:
         if not quiet:
             log.warning("skipping checkpoint %s: it %s", skipped.path, skipped.problem)

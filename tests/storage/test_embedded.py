@@ -14,9 +14,11 @@ import optuna
 import psutil
 import psycopg2
 import pytest
+import sqlalchemy
 
 from storage import StorageError, embedded, open_storage, resolve_url
 from storage import cli as storage_cli
+from storage.urls import check_url
 from tests.storage.conftest import finish, spawn
 from tests.storage.test_rdb import assert_study_exact
 
@@ -24,13 +26,14 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
 
-def db(action: str, capsys: pytest.CaptureFixture[str]) -> str:
+def db(action: str, capsys: pytest.CaptureFixture[str], *flags: str, rc: int = 0) -> str:
     """``amt-search db ACTION``, through the subcommand that storage.cli registers."""
     parser = argparse.ArgumentParser(prog="amt-search")
     storage_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["db", action])
-    assert args.func(args) == 0
-    return capsys.readouterr().out
+    args = parser.parse_args(["db", action, *flags])
+    assert args.func(args) == rc
+    captured = capsys.readouterr()
+    return captured.out if rc == 0 else captured.err
 
 
 def ask(proc: subprocess.Popen[str], line: str) -> str:
@@ -62,6 +65,13 @@ def test_started_once_shared_survives_an_exit_and_db_stop_stops_it(
 
         status = db("status", capsys)
         assert f"running (pid {pids.pop()}" in status
+        engine = sqlalchemy.create_engine(check_url(embedded.status()["url"]))
+        with engine.connect():  # a client holding a connection, as a worker does
+            refused = db("stop", capsys, rc=2)  # it would start the server again
+            assert refused.startswith("amt-search: error: the embedded PostgreSQL has 1 ")
+            assert "client connection(s)" in refused and "--force" in refused
+            assert embedded.status()["running"]
+        engine.dispose()
         assert db("stop", capsys).strip() == "stopped the embedded PostgreSQL"
         assert not embedded.status()["running"]
         assert all(ask(p, "query").startswith("error") for p in procs[1:])
