@@ -173,6 +173,20 @@ def test_checkpoints_without_their_manifest_are_kept(task: Path, tmp_path: Path)
     assert sorted((tmp_path / "run").glob("ckpt_*.pt")) == files
 
 
+def test_damaged_checkpoints_say_to_move_the_directory(task: Path, tmp_path: Path) -> None:
+    """Every checkpoint truncated: a fresh start is not told to --resume (that would fail
+    too) but to move the directory away; --resume says the same."""
+    cfg = tiny_config(task, tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, [StopAt(4)])
+    for path in (tmp_path / "run").glob("ckpt_*.pt"):
+        path.write_bytes(path.read_bytes()[:100])
+    for resume in (False, True):
+        with pytest.raises(CheckpointError, match=r"verifies \(the newest, ckpt_0+4.pt, .*\): "
+                           r"move the directory away"):
+            fit(cfg, resume=resume)
+
+
 def test_a_run_directory_in_use_is_refused(task: Path, tmp_path: Path) -> None:
     """Two runs into one out_dir would interleave checkpoints: the second is refused while
     the first holds the directory, and a run that fails before training leaves no directory
