@@ -18,11 +18,14 @@ report's numbers (which are unknowable); it is a cheap second view next to BLEU.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 import sacrebleu
 
 from trainer.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["bleu", "ndd", "levenshtein", "auto_tokenize", "resolve_tokenize", "TOKENIZE_CHOICES"]
 
@@ -94,8 +97,19 @@ def auto_tokenize(references: Iterable[str]) -> str:
 
 
 def resolve_tokenize(setting: str, references: Iterable[str]) -> str:
-    """``setting`` itself, checked to work here, or ``auto_tokenize(references)``."""
-    name = auto_tokenize(references) if setting == "auto" else setting
+    """``setting`` itself, checked to work here, or ``auto_tokenize(references)``. A
+    whitespace tokeniser named for references written without spaces (Chinese, Japanese, Thai
+    ...) is kept, with a warning: BLEU-4 would be near 0 whatever the model does."""
+    if setting == "auto":
+        name = auto_tokenize(references)
+    else:
+        name = setting
+        refs = list(references)
+        auto = auto_tokenize(refs) if refs else "13a"
+        if name in ("13a", "intl", "none") and auto in ("zh", "char"):
+            log.warning("eval.bleu_tokenize is %s but the references are written without spaces "
+                        "between words: BLEU-4 counts whole sentences as words and stays near 0 "
+                        "(auto would pick %s)", name, auto)
     _metric(name)
     return name
 

@@ -351,6 +351,18 @@ def test_corpus_change_reads_a_touched_file_and_names_an_edited_one(tmp_path: Pa
     assert check_corpus(DataConfig(source="bible")) is None
 
 
+def test_a_val_file_that_repeats_training_pairs_warns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pairs = tiny_pairs(60)
+    train = write_tsv(tmp_path / "train.tsv", pairs)
+    val = write_tsv(tmp_path / "val.tsv", pairs[:10] + [("\ufeffnew source", "new target")])
+    c = load_corpus(DataConfig(source="tsv", train_path=str(train), val_path=str(val)))
+    assert "data.val_path: " in caplog.text and "10 of its 11 pairs are also training pairs" \
+        in caplog.text
+    assert ("new source", "new target") in c.val  # a byte-order mark mid-file is dropped
+
+
 def test_encodings_and_non_files_say_what_to_do(tmp_path: Path) -> None:
     import gzip
     import os

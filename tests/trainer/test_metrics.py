@@ -70,3 +70,15 @@ def test_the_config_knows_sacrebleus_tokenisers() -> None:
     from trainer.config import TOKENIZE_CHOICES
 
     assert set(TOKENIZE_CHOICES) == {"auto", *sacrebleu.BLEU.TOKENIZERS}
+
+
+def test_a_whitespace_tokenizer_named_for_japanese_warns(caplog: pytest.LogCaptureFixture) -> None:
+    from trainer.metrics import resolve_tokenize
+
+    refs = ["初めに、神は天地を創造された。", "地は混沌であった。"]
+    assert resolve_tokenize("13a", refs) == "13a"  # kept: the user named it
+    assert "written without spaces between words" in caplog.text and "pick char" in caplog.text
+    caplog.clear()
+    assert resolve_tokenize("13a", ["In the beginning God created the heavens."]) == "13a"
+    assert resolve_tokenize("auto", refs) == "char"
+    assert "without spaces" not in caplog.text

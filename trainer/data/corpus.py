@@ -87,7 +87,9 @@ class BibleTranslation:
 
 
 def clean_text(text: str) -> str:
-    return " ".join(unicodedata.normalize("NFC", text).split())
+    """NFC, whitespace runs made one space, byte-order marks dropped (files joined with cat
+    carry them mid-file)."""
+    return " ".join(unicodedata.normalize("NFC", text.replace("\ufeff", "")).split())
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -330,6 +332,11 @@ def _file_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
         path = getattr(cfg, f"{name}_path")
         if path:
             splits[name] = _read_pairs(cfg, f"data.{name}_path", path)
+            train = set(splits["train"])
+            shared = sum(pair in train for pair in splits[name])
+            if shared:  # scored on pairs it trained on: BLEU-4 flatters the model
+                log.warning("data.%s_path: %s: %d of its %d pairs are also training pairs",
+                            name, path, shared, len(splits[name]))
     if not splits["train"]:
         raise ConfigError(f"{main_key}: {main_path}: no pair left for training")
     return splits
