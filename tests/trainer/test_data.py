@@ -363,6 +363,17 @@ def test_a_val_file_that_repeats_training_pairs_warns(
     assert ("new source", "new target") in c.val  # a byte-order mark mid-file is dropped
 
 
+def test_a_tsv_header_line_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    pairs = tiny_pairs(60)
+    path = write_tsv(tmp_path / "h.tsv", [("source", "target"), *pairs])
+    load_corpus(DataConfig(source="tsv", path=str(path), val_fraction=0.3))
+    assert "h.tsv line 1 looks like a header ('source\\ttarget')" in caplog.text
+    caplog.clear()
+    load_corpus(DataConfig(source="tsv", path=str(write_tsv(tmp_path / "n.tsv", pairs)),
+                           val_fraction=0.3))
+    assert "looks like a header" not in caplog.text
+
+
 def test_encodings_and_non_files_say_what_to_do(tmp_path: Path) -> None:
     import gzip
     import os

@@ -355,6 +355,9 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
         except ValueError as e:
             raise ConfigError(f"{key}: {path} line {number}: {e}") from None
         pair = (clean_text(src), clean_text(tgt))
+        if number == 1 and cfg.source == "tsv" and all(map(_header_like, pair)):
+            log.warning("%s: %s line 1 looks like a header (%r): it is read as a sentence pair; "
+                        "delete it if it is one", key, path, "\t".join(pair))
         if pair[0] and pair[1]:
             pairs.append(pair)
         else:
@@ -366,6 +369,25 @@ def _read_pairs(cfg: DataConfig, key: str, path_text: str) -> list[Pair]:
                     len(one_sided), ", ".join(map(str, one_sided[:5])),
                     ", ..." if len(one_sided) > 5 else "")
     return pairs
+
+
+_HEADER_WORDS = frozenset({"src", "source", "tgt", "target", "input", "output", "text",
+                           "sentence", "translation", "reference", "hypothesis", "lang",
+                           "language"})
+
+
+def _header_like(text: str) -> bool:
+    """A TSV column name: 'source', 'src_text', 'English', 'en', 'fr-FR' ..."""
+    parts = text.strip().lower().replace("-", "_").split("_")
+    return (any(part in _HEADER_WORDS for part in parts) or parts[0] in _LANGUAGE_NAMES
+            or (parts[0] in _LANGUAGE_CODES and len(parts) <= 2 and text[:1].islower()))
+
+
+_LANGUAGE_NAMES = frozenset({"english", "french", "german", "spanish", "italian", "portuguese",
+                             "chinese", "japanese", "korean", "russian", "arabic", "hindi"})
+_LANGUAGE_CODES = frozenset(
+    "ar bn cs da de el en es et fa fi fr he hi hu id it ja ko lt lv ms nl no pl pt ro ru sk sl "
+    "sv sw th tl tr uk ur vi zh".split())
 
 
 def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
