@@ -70,7 +70,8 @@ def _is_unspaced(o: int) -> bool:
 def auto_tokenize(references: Iterable[str]) -> str:
     """sacrebleu's tokeniser for these reference texts: ``char`` when kana make up 5 % of the
     letters (Japanese; WMT's ``ja-mecab`` needs MeCab, which is not installed by default),
-    ``zh`` when Han characters make up 30 % (Chinese), ``char`` when Thai, Lao, Burmese or
+    ``zh`` when Han characters make up 10 % (Chinese, also mixed with Latin text: ``zh``
+    tokenises the rest as ``13a`` does), ``char`` when Thai, Lao, Burmese or
     Khmer letters make up 30 %, or when words run longer than 12 letters between spaces on
     average (other scripts written without spaces), else ``13a``."""
     letters = kana = han = unspaced = words = 0
@@ -87,7 +88,7 @@ def auto_tokenize(references: Iterable[str]) -> str:
         return "13a"
     if kana >= 0.05 * letters:
         return "char"
-    if han >= 0.3 * letters:
+    if han >= 0.1 * letters:
         return "zh"
     if unspaced >= 0.3 * letters:
         return "char"

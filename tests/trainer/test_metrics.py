@@ -33,6 +33,9 @@ def test_ndd_is_normalised_word_edit_distance() -> None:
     ("В начале сотворил Бог небо и землю.", "13a"),
     ("태초에 하나님이 천지를 창조하시니라", "13a"),
     ("起初， 神创造天地。", "zh"),
+    # Chinese mixed with Latin words (a tenth of the letters Han): zh, which scores the Latin
+    # part as 13a does
+    ("我们用 PyTorch 训练 the translation model with RoPE and GELU", "zh"),
     ("初めに、神が天と地を創造した。", "char"),
     ("ในปฐมกาลพระเจ้าทรงเนรมิตสร้างฟ้าและแผ่นดินโลก", "char"),
     # spaces between phrases, not words: short "words", still scored by character
