@@ -232,6 +232,21 @@ class ParamSpec:
             return math.isclose(k, round(k), abs_tol=1e-9)
         return True
 
+    def draw(self, rng: Any) -> Any:
+        """A random value of this parameter (``random.Random``), on its step or log scale."""
+        if self.type == "categorical":
+            return rng.choice(self.choices)
+        assert self.low is not None and self.high is not None
+        if self.step is not None:
+            k = rng.randint(0, int(round((self.high - self.low) / self.step)))
+            value = self.low + k * self.step
+        elif self.log:
+            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
+        else:
+            value = rng.uniform(self.low, self.high)
+        value = min(max(value, self.low), self.high)
+        return int(round(value)) if self.type == "int" else value
+
     def extremes(self) -> tuple[Any, Any]:
         if self.type == "categorical":
             return self.choices[0], self.choices[-1]
@@ -633,6 +648,30 @@ def _validate_against_train_config(cfg: SearchConfig) -> None:
             trial_train_config(cfg, params, out_dir="trial")
         except ConfigError as e:
             raise ConfigError(f"enqueue[{i}]: {e}") from None
+
+
+def check_combinations(cfg: SearchConfig, n: int = 256) -> tuple[int, str | None]:
+    """Draw ``n`` random points of the space (a fixed seed) and build each one's trial config:
+    each value was checked alone, not together (``max_src_tokens`` + ``max_tgt_tokens`` over
+    ``max_len``). Returns (how many were invalid, the first one's problem)."""
+    import random
+
+    rng = random.Random(0)
+    bad, first = 0, None
+    for _ in range(n if cfg.space else 0):
+        params = {p.name: p.draw(rng) for p in cfg.space}
+        try:
+            trial_train_config(cfg, params, out_dir="trial")
+        except ConfigError as e:
+            bad += 1
+            if first is None:
+                shown = ", ".join(f"{k}={_short_value(v)}" for k, v in params.items())
+                first = f"{shown}: {e}"
+    return bad, first
+
+
+def _short_value(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else repr(v)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -196,13 +196,25 @@ class Objective:
         self.on_trial_start: list[Any] = []  # called with the trial once it exists
         self.lost: int | None = None  # the trial the last call lost (raised TrialLost)
         self._corpus: dict[str, Any] | None = None  # the study's pinned corpus, read once
+        self.invalid_in_a_row = 0  # trials in a row whose parameters made no valid config
+        self.last_invalid = ""
 
     def __call__(self, trial: optuna.Trial) -> float:
         for fn in self.on_trial_start:
             fn(trial)
         self.lost = None
         try:
-            return self._run(trial)
+            value = self._run(trial)
+            self.invalid_in_a_row = 0
+            return value
+        except TrainingFailed as e:
+            invalid = e.reason == "invalid_params"
+            self.invalid_in_a_row = self.invalid_in_a_row + 1 if invalid else 0
+            self.last_invalid = str(e)
+            raise
+        except optuna.TrialPruned:
+            self.invalid_in_a_row = 0
+            raise
         except optuna.exceptions.UpdateFinishedTrialError as e:
             self.lost = trial.number
             raise TrialLost(

@@ -23,6 +23,7 @@ import sqlalchemy
 
 from search.config import (
     SearchConfig,
+    check_combinations,
     search_config_from_dict,
     search_config_to_dict,
     trial_train_config,
@@ -73,6 +74,14 @@ def create_study(
     from trainer.metrics import resolve_tokenize
 
     trial_cfg = trial_train_config(cfg, {}, out_dir=".")
+    bad, example = check_combinations(cfg)
+    if bad == 256:
+        raise SearchError(f"space: none of 256 random points is a valid combination (e.g. "
+                          f"{example}): each value is valid alone, not together; narrow the "
+                          "ranges")
+    if bad:
+        log.warning("space: %d of 256 random points are invalid combinations (e.g. %s); such "
+                    "trials fail (invalid_params) and the worker draws again", bad, example)
     corpus = check_corpus(trial_cfg.data)  # here, not in the first trial
     resolve_tokenize(trial_cfg.eval.bleu_tokenize, [])  # a tokeniser this host can run
     stored = search_config_to_dict(cfg)

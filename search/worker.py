@@ -109,6 +109,9 @@ def run_worker(
         STOP_WAITING.clear()  # this process may go on using the storage (tests, benchmarks)
 
 
+MAX_INVALID_IN_A_ROW = 20  # a space with (almost) no valid point would fail trials in a loop
+
+
 def _run_trials(
     study: optuna.Study,
     cfg: SearchConfig,
@@ -149,6 +152,12 @@ def _run_trials(
                     log.warning("trial %d: lost while this worker was stopped, dropped; "
                                 "its retry runs elsewhere", objective.lost)
                 ran += 1
+                if objective.invalid_in_a_row >= MAX_INVALID_IN_A_ROW:
+                    raise SearchError(
+                        f"{objective.invalid_in_a_row} trials in a row drew parameters that "
+                        f"make no valid config (the last, {objective.last_invalid}): the space "
+                        "has few or no valid combinations; narrow its ranges and create the "
+                        "study again")
                 continue
         except WorkerStopped:
             break

@@ -172,6 +172,53 @@ def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     assert "[launch] study tiny is done: 2/2 trials finished" in capsys.readouterr().out
 
 
+def test_a_space_without_a_valid_combination_is_refused(
+    write_search: Callable[..., Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each end is valid alone (the other key at its base value), no pair is: create-study
+    samples combinations and refuses; a space where some are invalid gets a warning."""
+    space = {"data.max_src_tokens": {"type": "int", "low": 70, "high": 90},
+             "data.max_tgt_tokens": {"type": "int", "low": 70, "high": 90}}
+    path = write_search(space=space, enqueue=None)
+    train = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    train["model"]["max_len"] = 128  # 90 + 30 fits in 128 positions, 70 + 70 does not
+    train["data"].update(max_src_tokens=30, max_tgt_tokens=30)
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    with pytest.raises(SearchError, match=r"space: none of 256 random points is a valid "
+                       r"combination \(e.g. data.max_src_tokens=\d+, data.max_tgt_tokens=\d+: "):
+        create_study(load_search_config(path))
+    from storage.errors import StorageError
+
+    with pytest.raises(StorageError, match="no amt-search studies"):  # nothing was created
+        load_study("tiny")
+    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
+             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
+    create_study(load_search_config(write_search(space=space, enqueue=None)))
+    assert "random points are invalid combinations (e.g. model.d_model=36, " in caplog.text
+
+
+@pytest.mark.usefixtures("restore_signals")
+def test_trials_invalid_in_a_row_stop_the_worker(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A space that (almost) only draws invalid combinations would fail trials in a loop:
+    the worker stops after MAX_INVALID_IN_A_ROW of them with one line."""
+    from search import worker
+
+    monkeypatch.setattr(worker, "MAX_INVALID_IN_A_ROW", 2)
+    monkeypatch.setattr(trainer, "fit", _fake_fit([]))
+    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
+             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
+    create_study(load_search_config(write_search(space=space, enqueue=None, n_trials=9)))
+    study, _ = load_study("tiny")
+    for _ in range(2):
+        study.enqueue_trial({"model.d_model": 36, "model.n_heads": 8})
+    with pytest.raises(SearchError, match=r"2 trials in a row drew parameters that make no "
+                       r"valid config .*narrow its ranges"):
+        run_worker("tiny", gpu=None)
+    assert count_trials(load_study("tiny")[0].trials).failed == 2
+
+
 @pytest.mark.usefixtures("restore_signals")
 def test_a_run_directory_damaged_under_a_trial_is_retried_once(
     write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
