@@ -184,6 +184,9 @@ class TruncationConfig:
                 raise ConfigError(
                     f"truncation.overrides.{key}: set it with truncation's own keys instead"
                 )
+        if "optim.warmup" in self.overrides:
+            raise ConfigError("truncation.overrides.optim.warmup: set truncation.warmup instead "
+                              "(a fraction of max_steps, as the trials' schedule is compressed)")
 
     @property
     def n_evals(self) -> int:
@@ -609,7 +612,9 @@ def _validate_against_train_config(cfg: SearchConfig) -> None:
     for key in cfg.truncation.overrides:
         if key in names:
             raise ConfigError(f"truncation.overrides.{key} is also searched in space.{key}")
-    if "optim.warmup" in names and (cfg.param("optim.warmup").high or 0) >= 1:
+    warm = cfg.param("optim.warmup") if "optim.warmup" in names else None
+    if warm is not None and max((c for c in warm.choices if isinstance(c, (int, float))),
+                                default=warm.high or 0) >= 1:
         raise ConfigError(
             "space.optim.warmup: trials compress the schedule to their budget, so warm-up is "
             "searched as a fraction of max_steps (high < 1)"

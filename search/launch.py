@@ -177,8 +177,10 @@ def launch(
     for w in failed:
         log.error("worker %s exited with status %s", w.name, w.proc.returncode)
     if signals["count"]:  # stopped, not finished: scripts must be able to tell
+        where = (f"--gpus {','.join(map(str, gpus))}" if gpus
+                 else f"--cpu-workers {cpu_workers}")
         log.info("stopped: the running trials saved and wait to resume — continue with "
-                 "'amt-search launch --study %s' (same --gpus / --cpu-workers)", study_name)
+                 "'amt-search launch --study %s %s'", study_name, where)
         return 130
     return 1 if failed else 0
 

@@ -82,6 +82,15 @@ def trial_rows(study: optuna.Study, cfg: SearchConfig, sort: str = "bleu") -> li
     return sorted(rows, key=key)
 
 
+def _state(r: dict[str, Any]) -> str:
+    """A failed trial's cell says why: STOPPED (Ctrl-C, SIGTERM: its retry is queued) or
+    FAIL (nan_loss), FAIL (invalid_params) ..."""
+    reason = r.get("fail_reason")
+    if r["state"] != "FAIL" or not reason:
+        return str(r["state"])
+    return "STOPPED" if reason == "stopped" else f"FAIL ({reason})"
+
+
 def best_trial(study: optuna.Study) -> FrozenTrial | None:
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
@@ -145,7 +154,7 @@ def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
                 _fmt(r["hidden"]),
                 f"{r['lr']:.1e}" if isinstance(r["lr"], float) else _fmt(r["lr"]),
                 _bleu(r),
-                r["state"],
+                _state(r),
                 str(r["evals"]),
                 ""
                 if compute is None

@@ -117,7 +117,7 @@ def write_report(
     study, cfg = load_study(study_name, url)
     all_trials = study.get_trials(deepcopy=False)
     log.info("study %s (%s): %d trials", study_name, mask_url(url), len(all_trials))
-    run_dirs = [Path(r) for r in runs] or promoted_run_dirs(study_name)
+    run_dirs = [Path(r) for r in runs] or promoted_run_dirs(study_name, all_trials)
     curves, missing_curves = collect_curves(all_trials, trials, run_dirs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,14 +335,24 @@ def pruning_savings(
 # loss curves: which, and where they come from
 
 
-def promoted_run_dirs(study_name: str) -> list[Path]:
+def promoted_run_dirs(study_name: str, trials: Sequence[FrozenTrial] | None = None
+                      ) -> list[Path]:
     """Full runs promoted from this study: ``<state dir>/runs/<study>/full-trial-*`` whose
-    ``config.yaml`` has ``meta.study`` = ``study_name``."""
+    ``config.yaml`` has ``meta.study`` = ``study_name`` and, given the study's ``trials``,
+    ``meta.params`` = trial ``meta.trial``'s (not a run of a deleted study of that name)."""
+    by_number = {t.number: t for t in trials or ()}
     found = []
     for d in sorted((state_dir() / "runs" / study_name).glob("full-trial-*")):
         meta = _run_meta(d)
-        if meta.get("study") == study_name:
-            found.append(d)
+        if meta.get("study") != study_name:
+            continue
+        trial = by_number.get(meta.get("trial"))  # type: ignore[arg-type]
+        if trials is not None and (trial is None
+                                   or "params" in meta and meta["params"] != trial.params):
+            log.info("skipping %s: promoted from another study named %s (deleted and "
+                     "created again?)", d, study_name)
+            continue
+        found.append(d)
     return found
 
 

@@ -158,8 +158,9 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
                 return study
             raise SearchError(
                 f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
-                "--study-name, pass --skip-if-exists to reuse it, or delete it "
-                "(optuna delete-study)"
+                "--study-name, pass --skip-if-exists to reuse it, or delete it: optuna "
+                f"delete-study --study-name {cfg.name} --storage URL (URL as 'amt-search db "
+                "url --show-password' prints it, postgresql+psycopg2://...)"
             ) from None
     try:
         for params in cfg.enqueue:

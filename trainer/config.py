@@ -512,7 +512,11 @@ def read_yaml(path: str | Path) -> Any:
             raise ConfigError(f"{p}: larger than {MAX_YAML_BYTES // 2**20} MiB: not a config")
         text = data.decode("utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {p}") from None
+        shipped = Path(__file__).resolve().parents[1] / p
+        hint = (f" (relative to {Path.cwd()}; the shipped one is {shipped})"
+                if not p.is_absolute() and p.parts[:1] == ("configs",) and shipped.is_file()
+                else "")
+        raise ConfigError(f"config file not found: {p}{hint}") from None
     except UnicodeDecodeError as e:
         line = e.object[: e.start].count(b"\n") + 1
         raise ConfigError(f"{p}: line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}) "

@@ -189,3 +189,19 @@ def test_default_pruner_starts_pruning_at_a_third_of_the_budget(tmp_path: Path) 
                                       "pruner|min_resource": 1})) == 1
     sha = make_pruner(cfg(**{"truncation|eval_every": 4, "pruner|type": "successive_halving"}))
     assert sha._min_resource == 3
+
+
+def test_warmup_beyond_a_trial_is_refused_as_a_choice_or_an_override(tmp_path: Path) -> None:
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(tiny_train(tmp_path)))
+    raw = tiny_search()
+    raw["space"]["optim.warmup"] = {"type": "categorical", "choices": [0.05, 100]}
+    bad = tmp_path / "s.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"space.optim.warmup: .*\(high < 1\)"):
+        load_search_config(bad)
+    raw = tiny_search()
+    raw["truncation"]["overrides"] = {"optim.warmup": 500}
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"truncation.overrides.optim.warmup: set "
+                       r"truncation.warmup instead"):
+        load_search_config(bad)

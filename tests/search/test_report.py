@@ -175,6 +175,11 @@ def test_report_from_live_study(storage_url: str, tmp_path: Path) -> None:
     build_study(storage_url)
     amt_home = Path(os.environ["AMT_HOME"])  # the fixture's; promoted runs are found there
     write_full_run(amt_home / "runs" / STUDY / "full-trial-0", STUDY, 0)
+    # promoted from a deleted study of the same name: trial 1 had other parameters then
+    write_full_run(amt_home / "runs" / STUDY / "full-trial-1", STUDY, 1)
+    stale = amt_home / "runs" / STUDY / "full-trial-1" / "config.yaml"
+    stale.write_text(yaml.safe_dump({"meta": {"study": STUDY, "trial": 1,
+                                              "params": {"model.n_layers": 99}}}))
     out = tmp_path / "report"
     code = cli.main(["report", "--study", STUDY, "--storage", storage_url, "--out", str(out)])
     assert code == 0
@@ -202,6 +207,7 @@ def test_report_from_live_study(storage_url: str, tmp_path: Path) -> None:
         assert f"]({name})" in text
     # the full run: not finished (no result.json), then finished with its test-split BLEU-4
     assert "## Full runs" in text and "full-trial-0`: not finished" in text
+    assert "full-trial-1" not in text
     assert "last eval at step 60000, BLEU-4 40.00" in text
     (amt_home / "runs" / STUDY / "full-trial-0" / "result.json").write_text(json.dumps(
         {"steps": 60000, "stopped_by": "budget", "bleu": 40.0, "test_bleu": 38.5,

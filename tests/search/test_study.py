@@ -517,3 +517,12 @@ def test_concurrent_create_studies_make_one(write_search: Callable[..., Path]) -
         studies = list(pool.map(lambda _: create_study(cfg, skip_if_exists=True), range(4)))
     assert {s.study_name for s in studies} == {"tiny"}
     assert len(load_study("tiny")[0].trials) == 3
+
+
+def test_failed_trials_say_why_in_the_table() -> None:
+    from search.leaderboard import _state
+
+    assert _state({"state": "FAIL", "fail_reason": "stopped"}) == "STOPPED"  # retry queued
+    assert _state({"state": "FAIL", "fail_reason": "nan_loss"}) == "FAIL (nan_loss)"
+    assert _state({"state": "FAIL", "fail_reason": None}) == "FAIL"
+    assert _state({"state": "COMPLETE", "fail_reason": None}) == "COMPLETE"
