@@ -117,6 +117,8 @@ def _run_worker_loop(url: str, study_name: str, index: int, n_trials: int, barri
     class TrivialObjective:
         def __init__(self, cfg: Any, stop: Any, device: str) -> None:
             self.on_trial_start: list[Any] = []
+            self.lost = None  # what run_worker reads of search.objective.Objective
+            self.invalid_in_a_row = 0
             barrier.wait()  # run_worker has opened the storage and loaded the study
             started.append(time.perf_counter())
 
