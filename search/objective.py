@@ -225,13 +225,11 @@ class Objective:
     def _check_corpus(self, trial: optuna.Trial, train_cfg: TrainConfig) -> None:
         """ConfigError when a corpus file holds other pairs than at create-study: its trials'
         BLEU-4 would not be comparable with the earlier ones."""
-        from search.study import CORPUS_ATTR
+        from search.study import pinned_corpus
         from trainer.data.corpus import corpus_change
 
         if self._corpus is None:
-            study = trial.study
-            self._corpus = dict(study._storage.get_study_system_attrs(study._study_id)
-                                .get(CORPUS_ATTR) or {})
+            self._corpus = pinned_corpus(trial.study)
         if not self._corpus:
             return  # the Bible, or a study made before corpora were pinned
         changed = corpus_change(train_cfg.data, self._corpus)

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from search.config import full_run_dict
 from search.errors import SearchError
 from search.launch import die_with_parent
-from search.study import changed_keys, load_study
+from search.study import changed_keys, load_study, pinned_corpus
 from storage import mask_url, resolve_url
 from storage.checkpoints import latest_checkpoint
 from storage.files import atomic_write, starts_with
@@ -123,15 +123,14 @@ def _warn_if_not_searched(trial: Any, cfg: Any) -> None:
 def _warn_if_corpus_changed(study: Any, data: Any) -> None:
     """The study's pinned corpus files hold other pairs now: the full run would train and
     score on data its trials never saw (promoted all the same, with a warning)."""
-    from search.study import CORPUS_ATTR
     from trainer.data.corpus import corpus_change
     from trainer.errors import ConfigError
 
-    pinned = study._storage.get_study_system_attrs(study._study_id).get(CORPUS_ATTR)
+    pinned = pinned_corpus(study)
     if not pinned:
         return
     try:
-        changed = corpus_change(data, dict(pinned))
+        changed = corpus_change(data, pinned)
     except ConfigError as e:
         log.warning("%s: the full run cannot read it", e)
         return

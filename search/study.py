@@ -35,6 +35,7 @@ from storage.urls import connect_error
 __all__ = [
     "CONFIG_ATTR",
     "CORPUS_ATTR",
+    "pinned_corpus",
     "TrialCounts",
     "changed_keys",
     "count_trials",
@@ -192,6 +193,13 @@ def changed_keys(old: Any, new: Any, ignore: tuple[str, ...] = (), prefix: str =
                 if not (prefix == "" and key in ignore)
                 for k in changed_keys(old.get(key), new.get(key), (), f"{prefix}{key}.")]
     return [] if old == new else [prefix.rstrip(".")]
+
+
+def pinned_corpus(study: optuna.Study) -> dict[str, Any]:
+    """The file corpus's signature create-study stored (``trainer.data.corpus_signature``;
+    empty for the Bible or a study made before corpora were pinned)."""
+    attrs = study._storage.get_study_system_attrs(study._study_id)
+    return dict(attrs.get(CORPUS_ATTR) or {})
 
 
 def _half_made(storage: optuna.storages.BaseStorage, name: str) -> bool:

@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from storage.errors import WRITE_ERRNOS, CheckpointError, StorageError, os_error_in, write_hint
+from storage.errors import WRITE_ERRNOS, CheckpointError, StorageError, write_hint
 from trainer.config import TrainConfig, load_config, parse_override
 from trainer.errors import ConfigError, TrainingFailed
 
@@ -153,12 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("amt-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
     except OSError as e:
-        cause = os_error_in(e) if e.filename is None else e
-        if cause is None or (cause.filename is None and cause.errno not in WRITE_ERRNOS):
+        if e.filename is None and e.errno not in WRITE_ERRNOS:
             raise
         out = cfg.train.out_dir if cfg is not None else "the run directory"
-        where = cause.filename or f"a file under {out} or the data cache"
-        print(f"amt-train: error: {where}: {cause.strerror}{write_hint(cause)}", file=sys.stderr)
+        where = e.filename or f"a file under {out} or the data cache"
+        print(f"amt-train: error: {where}: {e.strerror}{write_hint(e)}", file=sys.stderr)
         return 2
     if rank == 0:
         print(f"BLEU-4 {result.bleu:.2f}, val loss {result.val_loss:.4f} (best "

@@ -935,11 +935,6 @@ class Run:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write a run file whole or not at all (a full disk leaves no half-written file); an
-    OSError names the file."""
-    try:
-        atomic_write(path, lambda f: f.write(text.encode()))
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
+    """Write a run file whole or not at all (a full disk leaves no half-written file; the
+    OSError names the file)."""
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -21,7 +21,14 @@ import trainer
 from search.config import load_search_config, trial_train_config
 from storage.checkpoints import latest_checkpoint, load_checkpoint, verify
 from storage.errors import CheckpointError
-from tests.reliability.conftest import ForkServer, make_study, resumed_steps, wait_for
+from tests.reliability.conftest import (
+    ForkServer,
+    TinyStudy,
+    Worker,
+    make_study,
+    resumed_steps,
+    wait_for,
+)
 from trainer.config import config_from_dict
 
 
@@ -167,6 +174,21 @@ def test_amt_train_on_a_full_disk_is_one_line_and_leaves_no_half_file(
     assert not (small_disk / "run" / "config.yaml").exists()
 
 
+def _trial_on_small_disk(forkserver: ForkServer, corpus_dir: Path, url: str, tmp_path: Path,
+                         small_disk: Path, name: str) -> tuple[TinyStudy, Path, Worker]:
+    """A one-trial study whose run directories are on ``small_disk``, its worker started and
+    past trial 0's first checkpoint: (study, trial 0's run directory, worker)."""
+    study = make_study(tmp_path, corpus_dir, url, name, n_trials=1,
+                       truncation={"max_steps": 400, "eval_every": 4, "eval_subset": 8,
+                                   "warmup": 0.1})
+    study = dataclasses.replace(study, home=small_disk)
+    run = study.run_dir(0)
+    worker = study.spawn(forkserver, 0)
+    wait_for(lambda: (run / "manifest.json").exists() or worker.poll() is not None, 120,
+             "trial 0's first checkpoint")
+    return study, run, worker
+
+
 def test_disk_full_in_a_trial_stops_the_worker_and_the_retry_resumes(
     forkserver: ForkServer, corpus_dir: Path, new_database: Callable[[], str], tmp_path: Path,
     small_disk: Path, record: Callable[..., None],
@@ -175,14 +197,8 @@ def test_disk_full_in_a_trial_stops_the_worker_and_the_retry_resumes(
     checkpoint: the worker stops with one line (no traceback), the trial is FAIL 'disk_full'
     with a queued retry, its checkpoints verify; with space again a worker resumes it."""
     started = time.monotonic()
-    study = make_study(tmp_path, corpus_dir, new_database(), "diskfull", n_trials=1,
-                       truncation={"max_steps": 400, "eval_every": 4, "eval_subset": 8,
-                                   "warmup": 0.1})
-    study = dataclasses.replace(study, home=small_disk)
-    run = study.run_dir(0)
-    worker = study.spawn(forkserver, 0)
-    wait_for(lambda: (run / "manifest.json").exists() or worker.poll() is not None, 120,
-             "trial 0's first checkpoint")
+    study, run, worker = _trial_on_small_disk(forkserver, corpus_dir, new_database(),
+                                              tmp_path, small_disk, "diskfull")
     filler = small_disk / "filler"
     _fill(filler)
     rc = worker.wait(120)
@@ -228,14 +244,8 @@ def test_read_only_disk_in_a_trial_stops_the_worker_and_the_retry_resumes(
     errors): like a full disk, the worker stops with one line, the trial waits in the queue;
     writable again, a worker resumes it. (Was: run_dir retries that failed for good.)"""
     started = time.monotonic()
-    study = make_study(tmp_path, corpus_dir, new_database(), "rodisk", n_trials=1,
-                       truncation={"max_steps": 400, "eval_every": 4, "eval_subset": 8,
-                                   "warmup": 0.1})
-    study = dataclasses.replace(study, home=small_disk)
-    run = study.run_dir(0)
-    worker = study.spawn(forkserver, 0)
-    wait_for(lambda: (run / "manifest.json").exists() or worker.poll() is not None, 120,
-             "trial 0's first checkpoint")
+    study, run, worker = _trial_on_small_disk(forkserver, corpus_dir, new_database(),
+                                              tmp_path, small_disk, "rodisk")
     try:  # the kernel refuses (busy) while a file is open for writing: the worker's writes
         wait_for(lambda: subprocess.run(["mount", "-o", "remount,ro", str(small_disk)],
                                         capture_output=True).returncode == 0

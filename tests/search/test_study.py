@@ -144,6 +144,11 @@ def test_a_corpus_edited_after_create_study_stops_the_worker(
     corpus.write_bytes(saved)
 
 
+# each value valid alone; d_model 36 with 8 heads is no model (heads of 4.5)
+HEADS_PAIR_SPACE = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
+                    "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
+
+
 @pytest.mark.usefixtures("restore_signals")
 def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
@@ -153,9 +158,8 @@ def test_an_invalid_combination_fails_its_trial_and_the_worker_goes_on(
     trial fails (not retried) and the worker runs the next one."""
     calls: list[tuple[TrainConfig, bool]] = []
     monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
-    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
-             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
-    create_study(load_search_config(write_search(space=space, enqueue=None, n_trials=2)))
+    create_study(load_search_config(write_search(space=HEADS_PAIR_SPACE, enqueue=None,
+                                                 n_trials=2)))
     study, _ = load_study("tiny")
     study.enqueue_trial({"model.d_model": 36, "model.n_heads": 8})  # 36 heads of 4.5
     study.enqueue_trial({"model.d_model": 32, "model.n_heads": 8})
@@ -191,9 +195,7 @@ def test_a_space_without_a_valid_combination_is_refused(
 
     with pytest.raises(StorageError, match="no amt-search studies"):  # nothing was created
         load_study("tiny")
-    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
-             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
-    create_study(load_search_config(write_search(space=space, enqueue=None)))
+    create_study(load_search_config(write_search(space=HEADS_PAIR_SPACE, enqueue=None)))
     assert "random points are invalid combinations (e.g. model.d_model=36, " in caplog.text
 
 
@@ -207,9 +209,8 @@ def test_trials_invalid_in_a_row_stop_the_worker(
 
     monkeypatch.setattr(worker, "MAX_INVALID_IN_A_ROW", 2)
     monkeypatch.setattr(trainer, "fit", _fake_fit([]))
-    space = {"model.d_model": {"type": "categorical", "choices": [32, 36]},
-             "model.n_heads": {"type": "categorical", "choices": [2, 8]}}
-    create_study(load_search_config(write_search(space=space, enqueue=None, n_trials=9)))
+    create_study(load_search_config(write_search(space=HEADS_PAIR_SPACE, enqueue=None,
+                                                 n_trials=9)))
     study, _ = load_study("tiny")
     for _ in range(2):
         study.enqueue_trial({"model.d_model": 36, "model.n_heads": 8})

@@ -328,11 +328,12 @@ def _file_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
     # a split without its own file is carved out of the main file by a hash of the pair
     for pair in _read_pairs(cfg, main_key, main_path):
         splits[line_split("\t".join(pair))].append(pair)
+    train: set[Pair] | None = None
     for name in ("val", "test"):
         path = getattr(cfg, f"{name}_path")
         if path:
             splits[name] = _read_pairs(cfg, f"data.{name}_path", path)
-            train = set(splits["train"])
+            train = set(splits["train"]) if train is None else train
             shared = sum(pair in train for pair in splits[name])
             if shared:  # scored on pairs it trained on: BLEU-4 flatters the model
                 log.warning("data.%s_path: %s: %d of its %d pairs are also training pairs",
