@@ -144,7 +144,7 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
             exception's ``checkpoint`` attribute is False).
     """
     out_dir = Path(cfg.train.out_dir)
-    made = not out_dir.exists()
+    made = [d for d in (out_dir, *out_dir.parents) if not d.exists()]  # innermost first
     lock = _lock_run_dir(out_dir) if os.environ.get("RANK", "0") == "0" else None
     try:
         _checkpoint_to_resume(out_dir, resume, quiet=True)  # before the data
@@ -160,9 +160,11 @@ def fit(cfg: TrainConfig, callbacks: Sequence[Any] = (), *, resume: bool = False
     finally:
         if lock is not None:
             os.close(lock)
-        if made:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # made here and still empty: the run stopped before it began
+        for made_dir in made:  # made here and still empty: the run stopped before it began
+            try:
+                made_dir.rmdir()
+            except OSError:
+                break
 
 
 def _lock_run_dir(out_dir: Path) -> int:

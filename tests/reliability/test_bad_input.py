@@ -347,6 +347,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "data").mkdir()
     train: dict[str, Any] = tiny_train(root / "data")  # writes the corpus there
     train["data"].update(path="data/corpus.tsv", cache_dir="data/cache")
+    train["train"]["out_dir"] = "runs/default"  # in the case's own tree: cases run in parallel
     (root / "train.yaml").write_text(yaml.safe_dump(train))
     (root / "search.yaml").write_text(yaml.safe_dump(tiny_search()))
     for name in ("good", "tampered", "truncated", "manifest", "missing", "types", "unlisted"):

@@ -200,10 +200,11 @@ def test_a_run_directory_in_use_is_refused(task: Path, tmp_path: Path) -> None:
             fit(cfg)
     finally:
         os.close(held)
-    bad = tiny_config(task, tmp_path / "new", **{"data.path": str(tmp_path / "nope.tsv")})
+    bad = tiny_config(task, tmp_path / "new" / "runs" / "a",
+                      **{"data.path": str(tmp_path / "nope.tsv")})
     with pytest.raises(ConfigError, match="file not found"):
         fit(bad)
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # nor its parents that it made
 
 
 def test_resuming_with_another_schedule_says_so(task: Path, tmp_path: Path,
