@@ -277,8 +277,8 @@ class Objective:
             raise
         except TrainingFailed as e:  # the retry (made first) must not inherit the reason
             if e.retryable:
-                log.warning("trial %d failed (%s), retrying: %s", trial.number, e.reason, e)
-                _enqueue_retry(trial, bounded=True)
+                log.warning("trial %d failed (%s), %s: %s", trial.number, e.reason,
+                            _retry_word(_enqueue_retry(trial, bounded=True)), e)
             else:
                 log.warning("trial %d failed (%s), not retried: %s", trial.number, e.reason, e)
                 _drop_checkpoints(out_dir)
@@ -299,8 +299,8 @@ class Objective:
         except Exception as e:
             damaged = _run_dir_error(e, out_dir)
             if damaged is not None:  # deleted or garbled under the trial (not by the trial)
-                log.warning("trial %d failed (run_dir), retrying: %s", trial.number, damaged)
-                _enqueue_retry(trial, bounded=True)
+                log.warning("trial %d failed (run_dir), %s: %s", trial.number,
+                            _retry_word(_enqueue_retry(trial, bounded=True)), damaged)
                 trial.set_user_attr("fail_reason", "run_dir")
                 trial.set_user_attr("fail_message", damaged)
                 raise TrainingFailed(f"trial {trial.number}: {damaged}", reason="run_dir",
@@ -436,18 +436,26 @@ def _n_params(cfg: TrainConfig) -> int:
         return DecoderLM(cfg.model, cfg.data.vocab_size, pad_id=0).param_counts()["non_embedding"]
 
 
-def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> None:
+def _enqueue_retry(trial: optuna.Trial, *, bounded: bool) -> bool:
     """Re-enqueue ``trial`` the way a stale trial is (same params, ``retry_history``), so it
     resumes from its checkpoint. ``bounded``: under the storage's retry limit (a failure
-    that may repeat); otherwise always (an orderly stop such as SIGTERM)."""
+    that may repeat); otherwise always (an orderly stop such as SIGTERM). False when the
+    limit is reached and no retry was queued."""
     storage = trial.storage
     stale_callback = getattr(storage, "get_heartbeat_stale_trial_callback", None)
     callback = stale_callback() if bounded and stale_callback is not None else None
+    frozen = storage.get_trial(trial._trial_id)
+    limit = getattr(callback, "_max_retry", None)  # Optuna keeps it private
+    if limit is not None and len(frozen.system_attrs.get("retry_history", [])) >= limit:
+        return False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        (callback or RetryHeartbeatStaleTrialCallback())(
-            trial.study, storage.get_trial(trial._trial_id)
-        )
+        (callback or RetryHeartbeatStaleTrialCallback())(trial.study, frozen)
+    return True
+
+
+def _retry_word(retried: bool) -> str:
+    return "retrying" if retried else "not retried (retry limit reached)"
 
 
 def _disk_full(error: BaseException) -> bool:

@@ -222,7 +222,8 @@ def test_trials_invalid_in_a_row_stop_the_worker(
 
 @pytest.mark.usefixtures("restore_signals")
 def test_a_run_directory_damaged_under_a_trial_is_retried_once(
-    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
 ) -> None:
     calls: list[tuple[TrainConfig, bool]] = []
     monkeypatch.setattr(trainer, "fit", _fake_fit(calls))
@@ -237,6 +238,10 @@ def test_a_run_directory_damaged_under_a_trial_is_retried_once(
         "fail_message"]
     assert failed[1].system_attrs["failed_trial"] == 0  # one retry, then it stays failed
     assert count_trials(trials).finished == 2
+    said = [r.getMessage() for r in caplog.records if "failed (run_dir)" in r.getMessage()]
+    assert [m.split(":")[0] for m in said] == [  # the log tells which one is retried
+        "trial 0 failed (run_dir), retrying",
+        f"trial {failed[1].number} failed (run_dir), not retried (retry limit reached)"]
 
 
 @pytest.mark.usefixtures("restore_signals")
