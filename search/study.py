@@ -24,12 +24,14 @@ import sqlalchemy
 from search.config import (
     SearchConfig,
     check_combinations,
+    full_run_dict,
     search_config_from_dict,
     search_config_to_dict,
     trial_train_config,
 )
 from search.errors import SearchError
 from storage import mask_url, open_storage
+from trainer.config import config_from_dict
 from storage.urls import connect_error
 
 __all__ = [
@@ -75,6 +77,11 @@ def create_study(
     from trainer.metrics import resolve_tokenize
 
     trial_cfg = trial_train_config(cfg, {}, out_dir=".")
+    full_steps = config_from_dict(full_run_dict(cfg, {})).train.max_steps
+    if trial_cfg.train.max_steps > full_steps:
+        log.warning("truncation.max_steps=%d is more than the full run's train.max_steps=%d "
+                    "(%s): each trial would train longer than the run it stands for",
+                    trial_cfg.train.max_steps, full_steps, cfg.base_config)
     bad, example = check_combinations(cfg)
     if bad == 256:
         raise SearchError(f"space: none of 256 random points is a valid combination (e.g. "

@@ -199,6 +199,15 @@ def test_a_space_without_a_valid_combination_is_refused(
     assert "random points are invalid combinations (e.g. model.d_model=36, " in caplog.text
 
 
+def test_a_trial_budget_beyond_the_full_run_warns(
+    write_search: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    create_study(load_search_config(write_search(truncation={
+        "max_steps": 80, "eval_every": 8, "eval_subset": 16})))  # the full run has 60
+    assert ("truncation.max_steps=80 is more than the full run's train.max_steps=60 "
+            "(train.yaml)") in caplog.text
+
+
 @pytest.mark.usefixtures("restore_signals")
 def test_trials_invalid_in_a_row_stop_the_worker(
     write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
