@@ -31,8 +31,8 @@ from search.config import (
 )
 from search.errors import SearchError
 from storage import mask_url, open_storage
-from trainer.config import config_from_dict
 from storage.urls import connect_error
+from trainer.config import config_from_dict
 
 __all__ = [
     "CONFIG_ATTR",
@@ -90,6 +90,9 @@ def create_study(
     if bad:
         log.warning("space: %d of 256 random points are invalid combinations (e.g. %s); such "
                     "trials fail (invalid_params) and the worker draws again", bad, example)
+    idle = pruner_never_prunes(cfg)
+    if idle:
+        log.warning("pruner: %s", idle)
     corpus = check_corpus(trial_cfg.data)  # here, not in the first trial
     resolve_tokenize(trial_cfg.eval.bleu_tokenize, [])  # a tokeniser this host can run
     stored = search_config_to_dict(cfg)
@@ -316,6 +319,27 @@ def pruner_min_resource(cfg: SearchConfig) -> int:
     if cfg.pruner.min_resource:
         return cfg.pruner.min_resource
     return max(1, min(cfg.truncation.n_evals // 3, cfg.pruner_max_resource))
+
+
+def pruner_never_prunes(cfg: SearchConfig) -> str | None:
+    """Why the configured pruner can never stop a trial before its last eval (what to
+    change), or None. A pruner that only acts at the last eval saves nothing."""
+    p, n_evals = cfg.pruner, cfg.truncation.n_evals
+    if p.type in ("hyperband", "successive_halving") and pruner_min_resource(cfg) >= n_evals:
+        return (f"{p.type} can never stop a trial early: its first rung is at eval "
+                f"{pruner_min_resource(cfg)} and a trial makes {_evals(n_evals)}; lower "
+                "pruner.min_resource or evaluate more often (truncation.eval_every)")
+    if p.type == "median" and p.n_warmup_evals >= n_evals:
+        return (f"median can never stop a trial early: pruner.n_warmup_evals="
+                f"{p.n_warmup_evals} and a trial makes {_evals(n_evals)}; lower it")
+    if p.type == "median" and cfg.n_trials is not None and p.n_startup_trials >= cfg.n_trials:
+        return (f"median can never stop a trial: pruner.n_startup_trials={p.n_startup_trials} "
+                f"and the study runs n_trials={cfg.n_trials}; lower it")
+    return None
+
+
+def _evals(n: int) -> str:
+    return f"{n} eval" if n == 1 else f"{n} evals"
 
 
 def _open(storage_url: str | None, cfg: SearchConfig) -> Any:

@@ -208,6 +208,30 @@ def test_a_trial_budget_beyond_the_full_run_warns(
             "(train.yaml)") in caplog.text
 
 
+@pytest.mark.parametrize(("pruner", "truncation", "says"), [
+    ({"type": "hyperband", "min_resource": 5}, {}, "hyperband can never stop a trial early: "
+     "its first rung is at eval 5 and a trial makes 5 evals"),
+    ({"type": "hyperband"}, {"eval_every": 40}, "its first rung is at eval 1 and a trial "
+     "makes 1 eval;"),
+    ({"type": "median", "n_warmup_evals": 9}, {}, "pruner.n_warmup_evals=9 and a trial makes"),
+    ({"type": "median", "n_startup_trials": 8}, {}, "pruner.n_startup_trials=8 and the study "
+     "runs n_trials=8"),
+])
+def test_a_pruner_that_can_never_prune_warns(
+    write_search: Callable[..., Path], caplog: pytest.LogCaptureFixture,
+    pruner: dict[str, Any], truncation: dict[str, Any], says: str
+) -> None:
+    trunc = {"max_steps": 40, "eval_every": 8, "eval_subset": 16, **truncation}
+    create_study(load_search_config(write_search(pruner=pruner, truncation=trunc)))
+    assert says in caplog.text
+
+
+def test_the_default_pruner_does_not_warn(write_search: Callable[..., Path],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    create_study(load_search_config(write_search()))
+    assert "can never stop" not in caplog.text
+
+
 @pytest.mark.usefixtures("restore_signals")
 def test_trials_invalid_in_a_row_stop_the_worker(
     write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
