@@ -593,6 +593,10 @@ def _parse_enqueue(raw: Any, space: tuple[ParamSpec, ...]) -> tuple[dict[str, An
             if not spec.contains(v):
                 raise ConfigError(f"{path}={value!r} is outside space.{key} ({_describe(spec)})")
             params[key] = v
+        if len(params) == len(by_name) and params in out:  # every parameter fixed, twice
+            raise ConfigError(f"enqueue[{i}] repeats enqueue[{out.index(params)}]: training is "
+                              "deterministic, so it would train the same model again; remove "
+                              "one")
         out.append(params)
     return tuple(out)
 

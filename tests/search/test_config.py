@@ -106,6 +106,10 @@ BAD = [
     ({"enqueue": [{"optim.lr": 0.5}]}, "enqueue[0].optim.lr=0.5 is outside space.optim.lr"),
     ({"enqueue": [{"model.d_model": 48}]}, "enqueue[0].model.d_model=48 is outside"),
     ({"enqueue": [{}]}, "enqueue[0] must be a non-empty mapping"),
+    ({"enqueue": [{"model.n_layers": 1, "model.d_model": 32, "optim.lr": 0.01},
+                  {"model.n_layers": 2, "model.d_model": 32, "optim.lr": 0.01},
+                  {"model.n_layers": 1, "optim.lr": 0.01, "model.d_model": 32}]},
+     "enqueue[2] repeats enqueue[0]: training is deterministic"),
     ({"overrides": {"optim.lr": 1e-3}}, "overrides.optim.lr is also searched"),
     ({"overrides": {"model.colour": 1}}, "base_config + overrides: unknown key 'model.colour'"),
 ]
