@@ -7,6 +7,7 @@ temporary cache directory; the file-format tests use tiny corpora.
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import time
 from pathlib import Path
@@ -361,6 +362,14 @@ def test_a_val_file_that_repeats_training_pairs_warns(
     assert "data.val_path: " in caplog.text and "10 of its 11 pairs are also training pairs" \
         in caplog.text
     assert ("new source", "new target") in c.val  # a byte-order mark mid-file is dropped
+    warned = [r for r in caplog.records if "also training pairs" in r.getMessage()]
+    assert [r.levelname for r in warned] == ["WARNING"]
+    caplog.clear()  # under 1 % (a verse the Bible repeats): said, not warned
+    caplog.set_level(logging.INFO, logger="trainer.data.corpus")
+    val = write_tsv(tmp_path / "val.tsv", pairs[:1] + [(f"s{i}", f"t{i}") for i in range(120)])
+    load_corpus(DataConfig(source="tsv", train_path=str(train), val_path=str(val)))
+    assert [r.levelname for r in caplog.records if "also training pairs" in r.getMessage()] \
+        == ["INFO"]
 
 
 def test_a_tsv_header_line_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

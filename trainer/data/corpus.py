@@ -335,9 +335,11 @@ def _file_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
             splits[name] = _read_pairs(cfg, f"data.{name}_path", path)
             train = set(splits["train"]) if train is None else train
             shared = sum(pair in train for pair in splits[name])
-            if shared:  # scored on pairs it trained on: BLEU-4 flatters the model
-                log.warning("data.%s_path: %s: %d of its %d pairs are also training pairs",
-                            name, path, shared, len(splits[name]))
+            if shared:  # scored on pairs it trained on: BLEU-4 flatters the model. A few
+                # repeated sentences are normal (the Bible's chapters repeat verses)
+                level = logging.WARNING if shared >= 0.01 * len(splits[name]) else logging.INFO
+                log.log(level, "data.%s_path: %s: %d of its %d pairs are also training pairs",
+                        name, path, shared, len(splits[name]))
     if not splits["train"]:
         raise ConfigError(f"{main_key}: {main_path}: no pair left for training")
     return splits
