@@ -572,7 +572,7 @@ def _parse_enqueue(raw: Any, space: tuple[ParamSpec, ...]) -> tuple[dict[str, An
             f"enqueue must be a list of parameter mappings, got {type(raw).__name__}"
         )
     by_name = {p.name: p for p in space}
-    out = []
+    out: list[dict[str, Any]] = []
     for i, item in enumerate(raw):
         if not isinstance(item, dict) or not item:
             raise ConfigError(

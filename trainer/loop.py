@@ -32,7 +32,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -487,6 +487,12 @@ class Run:
         cfg = self.cfg
         self._start(resume)
         p = self.progress  # after _start: a resumed run replaces it
+        finished = self._finished_result() if resume else None
+        if finished is not None:
+            log.info("%s finished already (%s, step %d): nothing to train; BLEU-4 %.2f as in "
+                     "%s (move the directory away to train it again)", self.out_dir,
+                     finished.stopped_by, p.step, finished.bleu, self.out_dir / "result.json")
+            return finished
         started = time.perf_counter() - p.elapsed_s
         batches = self._train_batches()
         bar = tqdm(total=cfg.train.max_steps, initial=p.step, unit="step", dynamic_ncols=True,
@@ -555,6 +561,26 @@ class Run:
         log.info("model: %s parameters (%s non-embedding); %s on %s x%d, precision %s",
                  f"{counts['total']:,}", f"{counts['non_embedding']:,}", self.cfg.name,
                  self.device, self.world, self.precision)
+
+    def _finished_result(self) -> FitResult | None:
+        """The run's ``result.json`` when the resumed checkpoint is where the run ended (its
+        budget or early stopping): resuming it would train on past its end or evaluate the
+        test split again. None when there is something left to do."""
+        cfg, p = self.cfg.train, self.progress
+        ended = (p.step >= cfg.max_steps or (cfg.max_tokens and p.tokens >= cfg.max_tokens)
+                 or (cfg.early_stopping_patience and p.bad_evals >= cfg.early_stopping_patience))
+        if not ended or not p.history or p.history[-1]["step"] != p.step:
+            return None
+        try:
+            raw = json.loads((self.out_dir / "result.json").read_text(encoding="utf-8"))
+            result = FitResult(**{f.name: raw[f.name] for f in fields(FitResult)
+                                  if f.name in raw})
+        except (OSError, ValueError, TypeError):
+            return None  # none or unreadable: finish again
+        if result.steps != p.step or (self.cfg.eval.test and result.test_bleu is None
+                                      and len(self.data.test)):
+            return None  # another run's, or the test split is wanted now
+        return result
 
     def _stop_reason(self) -> str | None:
         cfg, p = self.cfg.train, self.progress

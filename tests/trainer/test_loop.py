@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -269,6 +270,35 @@ def test_early_stopping(task: Path, tmp_path: Path) -> None:
     result = fit(cfg)
     assert result.stopped_by == "early_stopping"
     assert result.steps == result.best_step + 2 < 12
+
+
+    again = fit(cfg, resume=True)  # ended: nothing more to train
+    assert again == result
+
+
+def test_resuming_a_finished_run_trains_and_evaluates_nothing(
+    task: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tiny_config(task, tmp_path / "run")
+    done = fit(cfg)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+
+    class Called:
+        evals = 0
+
+        def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+            self.evals += 1
+
+    seen = Called()
+    caplog.set_level(logging.INFO, logger="trainer.loop")
+    assert fit(cfg, [seen], resume=True) == done
+    assert seen.evals == 0
+    assert "finished already (budget, step 12): nothing to train" in caplog.text
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == files
+    # the test split wanted now, not then: it is evaluated, nothing is trained
+    with_test = fit(tiny_config(task, tmp_path / "run", **{"eval.test": True}), resume=True)
+    assert with_test.test_bleu is not None and with_test.steps == 12
+    assert with_test.history == done.history
 
 
 def test_token_budget(task: Path, tmp_path: Path) -> None:
