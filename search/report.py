@@ -178,9 +178,9 @@ def summary_markdown(
         "",
         f"- storage: `{storage}`",
         f"- generated: {when}",
-        f"- trials: {len(trials)} ({counts.complete} complete, {counts.pruned} pruned, "
+        f"- trials: {counts.total} ({counts.complete} complete, {counts.pruned} pruned, "
         f"{counts.failed} failed, {counts.running} running, {counts.waiting} waiting; "
-        "a retried trial counts once)",
+        f"a retried trial counts once{_superseded(len(trials) - counts.total)})",
     ]
     from trainer.data.corpus import describe_corpus  # (imports torch: not at start-up)
 
@@ -231,6 +231,10 @@ def summary_markdown(
             lines += ["", "Missing loss curves:", "", *(f"- {m}" for m in missing_curves)]
         lines.append("")
     return "\n".join(lines)
+
+
+def _superseded(n: int) -> str:
+    return "" if n == 0 else f": {n} earlier attempt{'s' * (n != 1)} that a retry replaced"
 
 
 def full_runs_markdown(run_dirs: Sequence[Path]) -> str:

@@ -397,6 +397,11 @@ class TrialCounts:
     waiting: int = 0
 
     @property
+    def total(self) -> int:
+        """Retry chains: every trial once, however often it was retried."""
+        return self.complete + self.pruned + self.failed + self.running + self.waiting
+
+    @property
     def finished(self) -> int:
         return self.complete + self.pruned + self.failed
 

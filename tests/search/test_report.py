@@ -272,9 +272,19 @@ def test_edge_cases(storage_url: str, tmp_path: Path) -> None:
     assert "*Not drawn: 1 complete trial(s); PED-ANOVA importance needs at least 3.*" in text
     assert not (out / "param_importance.png").exists()
 
+    # a stale trial and its waiting retry are one trial; the line says so and adds up
+    study = optuna.load_study(study_name="one", storage=open_storage(storage_url))
+    stopped = study.trials[1]
+    study.add_trial(create_trial(state=TrialState.WAITING, params=stopped.params,
+                                 distributions=stopped.distributions,
+                                 system_attrs={"failed_trial": 1, "retry_history": [1]}))
+    text = report.write_report("one", out, storage_url).read_text()
+    assert ("- trials: 2 (1 complete, 0 pruned, 0 failed, 0 running, 1 waiting; a retried "
+            "trial counts once: 1 earlier attempt that a retry replaced)") in text
+
     with pytest.raises(SearchError, match=r"no study named 'nope' .*studies: empty, one"):
         report.write_report("nope", tmp_path / "x", storage_url)
-    with pytest.raises(SearchError, match=r"--trials: 9 not in the study \(trials: 0, 1\)"):
+    with pytest.raises(SearchError, match=r"--trials: 9 not in the study \(trials: 0, 1, 2\)"):
         report.write_report("one", out, storage_url, trials=[9])
 
 
