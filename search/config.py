@@ -29,6 +29,7 @@ from trainer.config import (
     build_dataclass,
     coerce_value,
     config_from_dict,
+    flatten_overrides,
     read_yaml,
 )
 from trainer.errors import ConfigError
@@ -365,11 +366,11 @@ def load_search_config(path: str | Path) -> SearchConfig:
     if isinstance(base_raw.get("data"), dict):
         base_raw = {**base_raw, "data": _absolute_paths(base_raw["data"], "")}
     if isinstance(raw.get("overrides"), dict):
-        raw = {**raw, "overrides": _absolute_paths(raw["overrides"], "data.")}
+        raw = {**raw, "overrides": _absolute_paths(flatten_overrides(raw["overrides"]), "data.")}
     trunc = raw.get("truncation")
     if isinstance(trunc, dict) and isinstance(trunc.get("overrides"), dict):
-        raw = {**raw, "truncation": {**trunc, "overrides": _absolute_paths(trunc["overrides"],
-                                                                           "data.")}}
+        raw = {**raw, "truncation": {**trunc, "overrides": _absolute_paths(
+            flatten_overrides(trunc["overrides"]), "data.")}}
     try:
         return search_config_from_dict({**raw, "base_train": base_raw})
     except ConfigError as e:
@@ -406,6 +407,11 @@ def search_config_from_dict(raw: Any, *, stored: bool = False) -> SearchConfig:
     for key in ("name", "truncation"):
         if key not in raw:
             raise ConfigError(f"{key} is required")
+    if isinstance(raw.get("overrides"), dict):  # a section as a value changes its keys only
+        raw["overrides"] = flatten_overrides(raw["overrides"])
+    trunc = raw.get("truncation")
+    if isinstance(trunc, dict) and isinstance(trunc.get("overrides"), dict):
+        raw["truncation"] = {**trunc, "overrides": flatten_overrides(trunc["overrides"])}
     space_raw = raw.pop("space", None)
     enqueue_raw = raw.pop("enqueue", None)
     sections = build_dataclass(SearchConfig, raw, "")  # space and enqueue are lists: parsed below

@@ -595,7 +595,7 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     out = copy.deepcopy(raw)
     if not isinstance(out, dict):
         raise ConfigError(f"the top level must be a mapping, got {type(out).__name__}")
-    for dotted, value in overrides.items():
+    for dotted, value in flatten_overrides(overrides).items():
         parts = dotted.split(".")
         node = out
         for part in parts[:-1]:
@@ -604,6 +604,22 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
             node = nxt
         node[parts[-1]] = value
+    return out
+
+
+def flatten_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``{"model": {"n_layers": 2}}`` as ``{"model.n_layers": 2}``: a section given as a
+    value changes the keys it names and keeps the others (it never replaces the section).
+    ``meta`` is free-form and taken as it is."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        key = str(key)
+        if isinstance(value, dict) and value and key.split(".")[0] != "meta":
+            for sub, inner in flatten_overrides(
+                    {f"{key}.{k}": v for k, v in value.items()}).items():
+                out[sub] = inner
+        else:
+            out[key] = value
     return out
 
 

@@ -111,6 +111,7 @@ BAD = [
                   {"model.n_layers": 1, "optim.lr": 0.01, "model.d_model": 32}]},
      "enqueue[2] repeats enqueue[0]: training is deterministic"),
     ({"overrides": {"optim.lr": 1e-3}}, "overrides.optim.lr is also searched"),
+    ({"overrides": {"optim": {"lr": 1e-3}}}, "overrides.optim.lr is also searched"),
     ({"overrides": {"model.colour": 1}}, "base_config + overrides: unknown key 'model.colour'"),
 ]
 
@@ -148,6 +149,13 @@ def test_shipped_configs_load_and_round_trip(name: str) -> None:
     assert {"model.n_layers", "model.d_model", "optim.lr", "optim.warmup", "model.drop_path",
             "optim.label_smoothing", "model.dropout", "optim.layer_lr_decay",
             "optim.weight_decay"} <= searched
+
+
+def test_an_override_given_as_a_section_keeps_the_sections_other_keys(tmp_path: Path) -> None:
+    cfg = search_config_from_dict(_raw(tmp_path, overrides={"model": {"dropout": 0.2}}))
+    assert cfg.overrides == {"model.dropout": 0.2}
+    t = trial_train_config(cfg, {"model.n_layers": 1}, out_dir="/tmp/x")
+    assert (t.model.dropout, t.model.norm, t.model.max_len) == (0.2, "pre", 32)  # base kept
 
 
 def test_report_trials_and_derived_shape() -> None:

@@ -66,6 +66,10 @@ def test_describe_report_shape_without_data(capsys: pytest.CaptureFixture[str]) 
     assert main(["--config", "configs/train.yaml", "--describe", "--set",
                  "model.n_layers=6"]) == 0
     assert "non_embedding:   42,527,232 (42.5 M)" in capsys.readouterr().out
+    # a section as the value changes the keys it names, the rest of the section stays
+    assert main(["--config", "configs/train.yaml", "--describe", "--set",
+                 "model={n_layers: 6}"]) == 0
+    assert "non_embedding:   42,527,232 (42.5 M)" in capsys.readouterr().out
 
 
 def test_bad_config_subprocess_one_line_no_traceback(tmp_path: Path) -> None:
