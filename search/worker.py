@@ -149,8 +149,10 @@ def _run_trials(
                             "search") from None
                     if objective.lost is None:
                         raise
-                    log.warning("trial %d: lost while this worker was stopped, dropped; "
-                                "its retry runs elsewhere", objective.lost)
+                    log.warning("trial %d: failed as stale while this worker could not beat "
+                                "(it was stopped, or cut off from the database for longer than "
+                                "grace_period_s); dropped, its retry runs elsewhere",
+                                objective.lost)
                 ran += 1
                 if objective.invalid_in_a_row >= MAX_INVALID_IN_A_ROW:
                     raise SearchError(

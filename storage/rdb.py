@@ -28,9 +28,11 @@ flaky machines.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
+import math
 import os
 import random
 import threading
@@ -285,7 +287,14 @@ class ResilientRDBStorage(RDBStorage):
         # the embedded server's starter: called while the server is gone (killed, stopped)
         self.restart: Callable[[], object] | None = None
         self._restarted_at = 0.0
+        # when this process last came out of an outage (errors, or a call stalled for half a
+        # grace period: a frozen server or network); no trial is stale until a grace period
+        # later, when the other workers, back too, have beaten again
+        self._outage_ended_at = -math.inf
         super().__init__(url, **kwargs)
+
+    def _stall_s(self) -> float:
+        return (self.grace_period or 60.0) / 2
 
     def _maybe_restart(self, error: BaseException) -> None:
         """Start the embedded server again (at most every 10 s) when it no longer answers."""
@@ -313,6 +322,7 @@ class ResilientRDBStorage(RDBStorage):
             delay = _BACKOFF_FIRST_S
             n = 0
             while True:
+                started = time.monotonic()
                 try:
                     result = attempt(n)
                 except Exception as e:
@@ -343,6 +353,8 @@ class ResilientRDBStorage(RDBStorage):
                     continue
                 if n:
                     _log.warning("database available again after %d retries", n)
+                if n or time.monotonic() - started > self._stall_s():
+                    self._outage_ended_at = time.monotonic()
                 return result
         finally:
             _retrying_here.active = False
@@ -424,16 +436,25 @@ class ResilientRDBStorage(RDBStorage):
             study = optuna.Study(self.get_study_name_from_id(study_id), self)
             for trial_id in stale:
                 callback(study, self.get_trial(trial_id))
+                # after the retry is made (it copies the user attributes): why it failed, for
+                # the leaderboard's FAIL (stale)
+                with contextlib.suppress(UpdateFinishedTrialError):  # failed meanwhile
+                    self.set_trial_user_attr(trial_id, "fail_reason", "stale")
         return stale
 
     def _stale_trial_ids(self, study_id: int) -> list[int]:
         assert self.heartbeat_interval is not None
         grace = self.grace_period or 2 * self.heartbeat_interval
+        asked = time.monotonic()
         with self.engine.connect() as conn:
             uptime = conn.execute(
                 text("SELECT EXTRACT(EPOCH FROM now() - pg_postmaster_start_time())")
             ).scalar_one()
-            if uptime <= grace:
+            if time.monotonic() - asked > self._stall_s():
+                self._outage_ended_at = time.monotonic()
+            # a restarted server, or an outage this process just rode out (the other workers
+            # rode it out too and have not beaten since): their heartbeats are old, not dead
+            if uptime <= grace or time.monotonic() - self._outage_ended_at < grace:
                 return []
             rows = conn.execute(
                 text(

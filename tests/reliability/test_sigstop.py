@@ -64,7 +64,8 @@ def test_frozen_worker_and_frozen_lock_holder_do_not_stop_the_others(
     assert lost_trial is not None
     if by_number[lost_trial].state != TrialState.FAIL:
         problems.append(f"the frozen trial {lost_trial} is {by_number[lost_trial].state.name}")
-    if f"trial {lost_trial}: lost while this worker was stopped" not in frozen.text():
+    if f"trial {lost_trial}: failed as stale while this worker could not beat" not in (
+            frozen.text()):
         problems.append(f"the continued worker did not drop its trial:\n{frozen.tail()}")
     if retry is None or retry.state != TrialState.COMPLETE:
         problems.append(f"the frozen trial's retry: {retry and retry.state.name}")

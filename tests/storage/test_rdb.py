@@ -146,6 +146,35 @@ def test_a_stale_trial_is_retried_once_even_if_its_failer_dies(pg_url: str) -> N
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[1].system_attrs["retry_history"] == [0]
+    assert trials[0].user_attrs["fail_reason"] == "stale"  # the retry does not inherit it
+    assert "fail_reason" not in trials[1].user_attrs
+
+
+def test_no_trial_is_stale_until_a_grace_period_after_an_outage(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frozen server or a cut network stops every worker's heartbeat at once: when it is
+    back, the first worker to look must not fail the others' trials before they beat again.
+    An outage is a call that failed and was retried, or one that stalled half a grace period."""
+    storage = open_storage(pg_url, heartbeat_interval=1, grace_period=6)
+    study = optuna.create_study(storage=storage, study_name="outage")
+    old = optuna.trial.create_trial(state=TrialState.RUNNING)
+    old.datetime_start = datetime.now() - timedelta(seconds=60)  # not beaten for a minute
+    trial_id = storage.create_new_trial(study._study_id, template_trial=old)
+    calls = []
+
+    def lost_once(n: int) -> None:  # a storage call: the first attempt loses the connection
+        calls.append(n)
+        if n == 0:
+            raise optuna.exceptions.StorageInternalError("read") from _connection_lost()
+
+    storage._with_retries(lost_once)  # an outage ridden out
+    assert calls == [0, 1]
+    assert storage._stale_trial_ids(study._study_id) == []
+    storage._outage_ended_at -= 6.1  # a grace period later
+    assert storage._stale_trial_ids(study._study_id) == [trial_id]
+    storage._with_retries(lambda n: time.sleep(3.2))  # a stall: half the grace period
+    assert storage._stale_trial_ids(study._study_id) == []
 
 
 def test_stopped_worker_holding_a_lock_does_not_block_others(pg_url: str) -> None:
