@@ -351,9 +351,12 @@ class Objective:
 
     def _prepare_run_dir(self, trial: optuna.Trial, out_dir: Path) -> bool:
         """Fill ``out_dir`` for this trial; True when there is a checkpoint to resume."""
-        if out_dir.exists():  # left by an earlier study of the same name
+        if out_dir.is_symlink() or out_dir.exists():  # left by an earlier study of the name
             log.warning("removing %s (left by an earlier study named the same)", out_dir)
-            shutil.rmtree(out_dir)
+            if out_dir.is_dir() and not out_dir.is_symlink():
+                shutil.rmtree(out_dir)
+            else:  # a file or a link where the run directory goes
+                out_dir.unlink()
         history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
         if not history:
             return False

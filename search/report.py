@@ -246,14 +246,16 @@ def full_runs_markdown(run_dirs: Sequence[Path]) -> str:
             result = json.loads((d / "result.json").read_text())
         except (OSError, ValueError):
             result = None
-        if isinstance(result, dict):
+        if isinstance(result, dict) and all(
+                _number(result.get(k)) for k in ("bleu", "val_loss")) and (
+                result.get("test_bleu") is None or _number(result["test_bleu"])):
             test = result.get("test_bleu")
             lines.append(
                 f"- `{d}`: {result.get('steps')} steps, stopped by {result.get('stopped_by')}; "
-                f"BLEU-4 {float(result.get('bleu') or 0):.2f} on the validation subset, "
+                f"BLEU-4 {float(result['bleu']):.2f} on the validation subset, "
                 + (f"**{float(test):.2f} on the test split**" if test is not None
                    else "no test-split BLEU-4 (eval.test off)")
-                + f"; val loss {float(result.get('val_loss') or 0):.4f}")
+                + f"; val loss {float(result['val_loss']):.4f}")
             continue
         evals = [m for m in _jsonl_rows(d / "metrics.jsonl") if "bleu" in m]
         if evals:
@@ -269,19 +271,26 @@ def full_runs_markdown(run_dirs: Sequence[Path]) -> str:
 def _jsonl_rows(path: Path) -> list[dict[str, Any]]:
     """The objects of a JSON-lines file (``metrics.jsonl``); none when it cannot be read; a
     line cut short by a kill mid-write is skipped."""
-    try:
-        lines = path.read_text().splitlines()
+    try:  # a damaged byte spoils its line only
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return []
     rows = []
     for line in lines:
         try:
             m = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(m, dict):
+        if isinstance(m, dict) and all(_number(m[k]) for k in _NUMERIC if k in m):
             rows.append(m)
     return rows
+
+
+_NUMERIC = ("step", "train_loss", "val_loss", "bleu", "lr")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def top_table(study: optuna.Study, cfg: SearchConfig, top: int = TOP_TRIALS) -> str:
@@ -442,8 +451,8 @@ def _jsonl_curve(path: Path, label: str, full_run: bool = False) -> Curve | None
 
 def _run_meta(run_dir: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
     meta = raw.get("meta") if isinstance(raw, dict) else None
     return meta if isinstance(meta, dict) else {}

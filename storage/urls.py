@@ -113,6 +113,10 @@ def check_url(url: str) -> str:
         raise StorageError(
             f"no database name in storage URL '{shown}' — add /DATABASE, as in {URL_FORM}"
         )
+    parts = (parsed.username, parsed.password, parsed.host, parsed.database,
+             *map(str, parsed.query.values()))
+    if "\x00" in url or any("\x00" in str(part) for part in parts if part is not None):
+        raise StorageError(f"bad storage URL '{shown}': it holds a NUL character (%00)")
     if "@" in (parsed.host or ""):
         raise StorageError(
             f"bad storage URL '{shown}': more than one '@' — an '@' in the user name or "

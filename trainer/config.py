@@ -525,11 +525,20 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(f"cannot read config file {p}: {e.strerror}") from None
     try:
         raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except yaml.reader.ReaderError as e:  # a control character such as NUL
+        line = text[: e.position].count("\n") + 1
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        raise ConfigError(f"{p}: line {line}: {e.reason} (U+{code:04X}) — YAML allows no "
+                          "control characters") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{p}:{where}: {problem}") from None
+        raise ConfigError(f"{p}:{where} {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply: not a config") from None
+    except ValueError as e:  # an integer of thousands of digits
+        raise ConfigError(f"{p}: {str(e).split(';')[0]}: not a config") from None
     if raw is None:
         raise ConfigError(f"{p}: the config file is empty")
     if _expanded_size(raw, MAX_YAML_VALUES) > MAX_YAML_VALUES:

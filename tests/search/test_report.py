@@ -209,6 +209,14 @@ def test_report_from_live_study(storage_url: str, tmp_path: Path) -> None:
     assert "## Full runs" in text and "full-trial-0`: not finished" in text
     assert "full-trial-1" not in text
     assert "last eval at step 60000, BLEU-4 40.00" in text
+    # damaged files of a run: a bad byte, wrong types; the report skips what it cannot read
+    run0 = amt_home / "runs" / STUDY / "full-trial-0"
+    with (run0 / "metrics.jsonl").open("ab") as f:
+        f.write(b'garbage\xff\n{"step": "x", "bleu": [1], "train_loss": 1, "val_loss": 1}\n')
+    (run0 / "result.json").write_text('{"bleu": "x", "test_bleu": [1]}')
+    assert cli.main(["report", "--study", STUDY, "--storage", storage_url, "--out",
+                     str(out)]) == 0
+    assert "last eval at step 60000, BLEU-4 40.00" in (out / "REPORT.md").read_text()
     (amt_home / "runs" / STUDY / "full-trial-0" / "result.json").write_text(json.dumps(
         {"steps": 60000, "stopped_by": "budget", "bleu": 40.0, "test_bleu": 38.5,
          "val_loss": 1.87}))

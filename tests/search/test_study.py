@@ -199,6 +199,23 @@ def test_a_space_without_a_valid_combination_is_refused(
     assert "random points are invalid combinations (e.g. model.d_model=36, " in caplog.text
 
 
+@pytest.mark.usefixtures("restore_signals")
+def test_a_file_where_a_trial_run_directory_goes_is_replaced(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from search.objective import run_dir
+
+    monkeypatch.setattr(trainer, "fit", _fake_fit([]))
+    create_study(load_search_config(write_search(n_trials=3)))
+    run_dir("tiny", 0).parent.mkdir(parents=True)
+    run_dir("tiny", 0).write_text("not a directory")
+    run_dir("tiny", 1).symlink_to("/nonexistent")
+    assert run_worker("tiny", gpu=None) == 0
+    trials = load_study("tiny")[0].trials
+    assert count_trials(trials).finished == 3 and count_trials(trials).failed == 0
+    assert run_dir("tiny", 0).is_dir() and not run_dir("tiny", 1).is_symlink()
+
+
 def test_a_trial_budget_beyond_the_full_run_warns(
     write_search: Callable[..., Path], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -448,6 +448,10 @@ def _jsonl_parser(src_field: str, tgt_field: str) -> Callable[[str], Pair]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+        except ValueError as e:  # an integer of thousands of digits
+            raise ValueError(f"invalid JSON ({str(e).split(';')[0]})") from None
         if not isinstance(record, dict):
             raise ValueError(f"expected a JSON object, got {type(record).__name__}")
         values = []
