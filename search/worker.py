@@ -74,6 +74,8 @@ def run_worker(
     study, cfg = load_study(study_name, storage, worker_index=index)
     stop = threading.Event()
     STOP_WAITING.clear()  # (a worker run earlier in this process may have set it)
+    previous_hook = threading.excepthook
+    threading.excepthook = _one_line_storage_errors(previous_hook)
     _handle_signals(stop)
     _quiet_optuna()
     claim_run_dirs(study_name, storage_identity(storage), study._study_id)
@@ -107,6 +109,20 @@ def run_worker(
         return 0
     finally:
         STOP_WAITING.clear()  # this process may go on using the storage (tests, benchmarks)
+        threading.excepthook = previous_hook
+
+
+def _one_line_storage_errors(previous: Any) -> Any:
+    """A thread's hook (Optuna's heartbeat thread) that logs a StorageError in one line, not
+    as a traceback; the trial's own thread meets the same error and ends the worker."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, StorageError):
+            log.error("%s: %s", args.thread.name if args.thread else "a thread", args.exc_value)
+        else:
+            previous(args)
+
+    return hook
 
 
 MAX_INVALID_IN_A_ROW = 20  # a space with (almost) no valid point would fail trials in a loop
@@ -289,6 +305,8 @@ class _ExpectedFailures(logging.Filter):
         if isinstance(exc, (DiskFull, TrainingFailed, TrialLost, WorkerStopped, ConfigError,
                             CheckpointError, StorageError, SearchError)):
             return False  # ours, or a user error the command line prints as one line
+        if exc is not None and (_storage_error_in(exc) or _database_error_in(exc)):
+            return False  # the worker ends on it with one line
         return "failed with value None" not in record.getMessage()
 
 

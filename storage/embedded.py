@@ -105,14 +105,35 @@ def is_embedded_url(url: str) -> bool:
         return False
 
 
-def ensure_server() -> str:
+class DataDirectoryGone(StorageError):
+    """The embedded server's data directory vanished under a process that was using it."""
+
+
+GONE_MESSAGE = ("the embedded PostgreSQL's data directory {} is gone (deleted?), and the "
+                "studies in it with it: stop the workers; create the study again to search")
+
+
+def data_dir() -> Path:
+    return _layout().data
+
+
+def data_dir_gone() -> bool:
+    """No cluster in the data directory (deleted under its server, or never made)."""
+    return not (_layout().data / "PG_VERSION").exists()
+
+
+def ensure_server(create: bool = True) -> str:
     """Start the embedded PostgreSQL, or join the one already running; return its URL.
 
     Safe to call from many processes at once: one starts the server, the others wait for it
     on the lock and then join. Raises StorageError (naming the log file) when it cannot start.
+    ``create=False`` (a restart under a running worker): a data directory that is gone is not
+    made anew, empty (DataDirectoryGone): the studies it held went with it.
     """
     lay = _layout()
     if not _set_up(lay):
+        if not create and not (lay.data / "PG_VERSION").exists():
+            raise DataDirectoryGone(GONE_MESSAGE.format(lay.data))
         lay.root.mkdir(parents=True, exist_ok=True)
         with _locked(lay.lock):
             if not _set_up(lay):

@@ -138,7 +138,7 @@ def open_storage(
 
             # the embedded server, by default or named (launch passes its URL to the workers)
             if (url is None and not os.environ.get(ENV_VAR)) or embedded.is_embedded_url(resolved):
-                storage.restart = embedded.ensure_server
+                storage.restart = functools.partial(embedded.ensure_server, create=False)
             return storage
         except StorageError:
             raise
@@ -305,9 +305,13 @@ class ResilientRDBStorage(RDBStorage):
             return
         self._restarted_at = time.monotonic()
         _log.warning("the embedded PostgreSQL is not running: starting it again")
+        from storage.embedded import DataDirectoryGone
+
         try:
             self.restart()
-        except Exception as e:  # e.g. its data directory is gone: the retries go on
+        except DataDirectoryGone:
+            raise  # nothing to wait for
+        except Exception as e:  # e.g. it cannot start yet: the retries go on
             _log.warning("could not start the embedded PostgreSQL: %s", _first_line(e))
 
     def _with_retries(self, attempt: Callable[[int], _T]) -> _T:

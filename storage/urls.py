@@ -139,6 +139,10 @@ def connect_error(url: str, error: BaseException) -> StorageError:
     """A one-line StorageError saying why connecting to ``url`` failed and what to do."""
     from sqlalchemy.engine import make_url
 
+    from storage import embedded
+
+    if embedded.is_embedded_url(url) and embedded.data_dir_gone():
+        return embedded.DataDirectoryGone(embedded.GONE_MESSAGE.format(embedded.data_dir()))
     parsed = make_url(url)
     user = parsed.username or "(default user)"
     at = where(url)

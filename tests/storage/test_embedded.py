@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -108,6 +109,28 @@ def test_its_storage_starts_it_again_after_it_was_killed(
     started = time.monotonic()
     assert [s.study_name for s in storage.get_all_studies()] == ["killed"]
     assert embedded.status()["pid"] != pid and time.monotonic() - started < 30
+
+
+def test_a_data_directory_deleted_under_its_storage_is_not_made_anew(
+    embedded_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$AMT_HOME deleted under a worker: the storage does not start an empty server in its
+    place (its studies are gone); it says so in one line."""
+    monkeypatch.delenv("AMT_STORAGE_URL", raising=False)
+    storage = open_storage(retry_for_s=30)
+    optuna.create_study(storage=storage, study_name="deleted")
+    pid = embedded.status()["pid"]
+    os.kill(pid, signal.SIGKILL)
+    psutil.Process(pid).wait(timeout=10)
+    shutil.rmtree(embedded.data_dir())
+    with pytest.raises(embedded.DataDirectoryGone, match=r"data directory .*pg/data is gone"):
+        storage.get_all_studies()
+    assert not embedded.data_dir().exists()  # no empty cluster made in its place
+    from storage.urls import connect_error
+
+    gone = connect_error(str(storage.url), RuntimeError("connection refused"))
+    assert isinstance(gone, embedded.DataDirectoryGone)
+    storage.engine.dispose()
 
 
 def test_eight_processes_twenty_trials_each(embedded_home: Path) -> None:
