@@ -29,6 +29,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} — see '{self.prog} --help'\n")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("amt-search")
+    except PackageNotFoundError:  # run from a checkout without installing it
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="amt-search",
@@ -41,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         "under $AMT_HOME (default ~/.local/state/amt-search).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     from search import commands

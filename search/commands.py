@@ -122,6 +122,23 @@ def register(sub: Any) -> None:
     p.add_argument("--storage", help=_STORAGE_HELP)
     p.set_defaults(func=_promote)
 
+    p = sub.add_parser(
+        "delete-study",
+        help="delete a study and its trials' run directories (promoted full runs stay)",
+        description="Delete the study (every trial and its stored config) from the storage and "
+        "its trials' checkpoints under $AMT_HOME/runs/<study>/trial-*. Promoted full runs "
+        "(full-trial-*) are trained models and are kept. Asks first on a terminal; elsewhere "
+        "give --yes. Refused while trials run (stop the workers first) unless --force.",
+    )
+    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--storage", help=_STORAGE_HELP)
+    p.add_argument("--keep-runs", action="store_true",
+                   help="delete the study only; leave its run directories on disk")
+    p.add_argument("--force", action="store_true",
+                   help="delete it even with RUNNING trials (their workers then stop)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    p.set_defaults(func=_delete_study)
+
 
 def _create_study(args: argparse.Namespace) -> int:
     from search.config import load_search_config
@@ -132,6 +149,35 @@ def _create_study(args: argparse.Namespace) -> int:
     trials = study.get_trials(deepcopy=False)
     waiting = sum(t.state.name == "WAITING" for t in trials)
     print(f"study {study.study_name}: {len(trials)} trials, {waiting} queued to run")
+    storage = " --storage URL" if args.storage else ""  # (no password echoed)
+    print(f"next: amt-search launch --study {study.study_name} --gpus all{storage} (or "
+          f"--cpu-workers 2); watch it with amt-search status --study {study.study_name}"
+          f"{storage} or amt-search dashboard")
+    return 0
+
+
+def _delete_study(args: argparse.Namespace) -> int:
+    import sys
+
+    from search.errors import SearchError
+    from search.study import delete_study
+
+    def plan(d: Any) -> str:
+        runs = (f"{len(d.run_dirs)} trial run director{'y' if len(d.run_dirs) == 1 else 'ies'}"
+                f" ({d.run_bytes / 1e6:.1f} MB)" if d.run_dirs else "no trial run directory")
+        kept = f"; {len(d.kept)} promoted full run(s) stay" if d.kept else ""
+        return f"study {d.study} ({d.trials} trials) and {runs}{kept}"
+
+    if not args.yes:
+        d = delete_study(args.study, args.storage, keep_runs=args.keep_runs, force=args.force,
+                         dry_run=True)
+        if not sys.stdin.isatty():
+            raise SearchError(f"this would delete {plan(d)}: pass --yes to do it")
+        if input(f"delete {plan(d)}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    d = delete_study(args.study, args.storage, keep_runs=args.keep_runs, force=args.force)
+    print(f"deleted {plan(d)}")
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "changed_keys",
     "count_trials",
     "create_study",
+    "delete_study",
     "load_study",
     "make_pruner",
     "pruner_min_resource",
@@ -162,16 +163,16 @@ def _create(storage: Any, cfg: SearchConfig, storage_url: str | None, stored: di
                     log.warning(
                         "study %s exists with another configuration (%s differ%s): it is "
                         "left as it is and runs its stored one; to search the new one, use "
-                        "another --study-name or delete the study (optuna delete-study)",
+                        "another --study-name or delete the study (amt-search delete-study)",
                         cfg.name, ", ".join(changed[:5]), ", ..." if len(changed) > 5 else "")
                 else:
                     log.info("study %s exists: left as it is (--skip-if-exists)", cfg.name)
                 return study
             raise SearchError(
                 f"study '{cfg.name}' already exists ({_where(storage_url)}) — pick another "
-                "--study-name, pass --skip-if-exists to reuse it, or delete it: optuna "
-                f"delete-study --study-name {cfg.name} --storage URL (URL as 'amt-search db "
-                "url --show-password' prints it, postgresql+psycopg2://...)"
+                "--study-name, reuse it (create-study --skip-if-exists), or delete it: "
+                f"amt-search delete-study --study {cfg.name}"
+                + (" --storage URL" if storage_url else "")
             ) from None
     try:
         for params in cfg.enqueue:
@@ -424,3 +425,72 @@ def count_trials(trials: list[optuna.trial.FrozenTrial]) -> TrialCounts:
         running=states.count(s.RUNNING),
         waiting=states.count(s.WAITING),
     )
+
+
+@dataclass(frozen=True)
+class Deleted:
+    """What :func:`delete_study` removed (or, with ``dry_run``, would remove)."""
+
+    study: str
+    trials: int
+    run_dirs: list[str]  # the trials' run directories
+    run_bytes: int
+    kept: list[str]  # promoted full runs (full-trial-*), never deleted here
+
+
+def delete_study(name: str, storage_url: str | None = None, *, keep_runs: bool = False,
+                 force: bool = False, dry_run: bool = False) -> Deleted:
+    """Delete the study ``name`` (every trial, its stored config) and, unless ``keep_runs``,
+    its trials' run directories under ``$AMT_HOME/runs/<name>`` when they are this study's
+    (the directory's owner file names this database and study). Promoted full runs
+    (``full-trial-*``) are kept: they are trained models.
+
+    Raises:
+        SearchError: no such study; or trials are RUNNING (workers at work) and not ``force``.
+    """
+    import shutil
+
+    from search.objective import OWNER_FILE
+    from storage.paths import state_dir
+    from storage.rdb import storage_identity
+
+    study, _ = load_study(name, storage_url)
+    storage = study._storage
+    backend: Any = getattr(storage, "_backend", storage)  # Optuna's cache wraps it
+    trials = study.get_trials(deepcopy=False)
+    running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    if running and not force:
+        raise SearchError(
+            f"study '{name}' has {len(running)} running trial(s) ({_numbers(running)}): stop "
+            "its workers first (Ctrl-C the launch), or pass --force (a trial of a worker "
+            "that died stays RUNNING until its grace period ends)")
+    root = state_dir() / "runs" / name
+    ours = False
+    try:
+        owner = json.loads((root / OWNER_FILE).read_text())
+        ours = (isinstance(owner, dict) and owner.get("study_id") == study._study_id
+                and str(owner.get("storage")).split(" (")[0]
+                == storage_identity(backend).split(" (")[0])
+    except (OSError, ValueError):
+        pass
+    dirs = sorted(root.glob("trial-*")) if ours and not keep_runs else []
+    size = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
+    kept = [str(d) for d in sorted(root.glob("full-trial-*"))]
+    result = Deleted(name, len(trials), [str(d) for d in dirs], size, kept)
+    if dry_run:
+        return result
+    optuna.delete_study(study_name=name, storage=storage)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+    if ours and not keep_runs:
+        (root / OWNER_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # empty: no full run kept
+    log.info("deleted study %s (%d trials) from %s; %d run directories (%.1f MB) removed",
+             name, len(trials), _where(storage_url), len(dirs), size / 1e6)
+    return result
+
+
+def _numbers(values: list[int]) -> str:
+    shown = ", ".join(map(str, values[:8]))
+    return shown + (", ..." if len(values) > 8 else "")

@@ -161,7 +161,7 @@ def _run_trials(
                             for x in error_chain(e)):
                         raise SearchError(
                             f"study {study.study_name} (or its running trial) was deleted "
-                            "while this worker ran (optuna delete-study?): create it again to "
+                            "while this worker ran (delete-study?): create it again to "
                             "search") from None
                     if objective.lost is None:
                         raise

@@ -504,6 +504,8 @@ def read_yaml(path: str | Path) -> Any:
         ConfigError: the file is missing, unreadable, not UTF-8, empty, or not valid YAML
             (with the line and column; a key given twice in one mapping is invalid here).
     """
+    if not str(path).strip():
+        raise ConfigError("the config path is empty: give a YAML file, e.g. configs/train.yaml")
     p = Path(path)
     try:
         with p.open("rb") as f:  # bounded: /dev/zero or a huge file is not a config

@@ -46,11 +46,45 @@ def test_create_study_stores_config_and_enqueues_report_trials_first(
     assert [leaderboard.trial_params(t) for t in waiting] == [dict(e) for e in cfg.enqueue]
 
     assert main(["create-study", "--config", str(write_search())]) == 2
-    assert "study 'tiny' already exists" in capsys.readouterr().err
+    assert ("study 'tiny' already exists" in (err := capsys.readouterr().err)
+            and "amt-search delete-study --study tiny" in err)
     assert main(["create-study", "--config", str(write_search()), "--skip-if-exists"]) == 0
     assert len(load_study("tiny")[0].trials) == 3  # nothing enqueued twice
     assert main(["create-study", "--config", str(write_search()), "--study-name", "t2"]) == 0
     assert load_study("t2")[1].name == "t2"
+
+
+@pytest.mark.usefixtures("restore_signals")
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # ask() stands in for a worker
+def test_delete_study_removes_the_study_and_its_trial_runs_not_the_full_runs(
+    write_search: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    from search.objective import run_dir
+
+    monkeypatch.setattr(trainer, "fit", _fake_fit([]))
+    create_study(load_search_config(write_search(n_trials=3)))
+    assert run_worker("tiny", gpu=None) == 0
+    root = run_dir("tiny", 0).parent
+    assert len(list(root.glob("trial-*"))) == 3
+    (root / "full-trial-0").mkdir()  # a promoted full run: a trained model
+    study = load_study("tiny")[0]
+    study.enqueue_trial({"optim.lr": 3e-3})
+    running = study.ask()  # a worker at work
+    capsys.readouterr()
+    assert main(["delete-study", "--study", "tiny", "--yes"]) == 2
+    assert "1 running trial(s) (3): stop its workers first" in capsys.readouterr().err
+    study.tell(running, 1.0)
+    assert main(["delete-study", "--study", "tiny"]) == 2  # no terminal to ask on
+    assert ("this would delete study tiny (4 trials) and 3 trial run directories"
+            in capsys.readouterr().err)
+    assert len(load_study("tiny")[0].trials) == 4  # nothing deleted
+    assert main(["delete-study", "--study", "tiny", "--yes"]) == 0
+    assert "1 promoted full run(s) stay" in capsys.readouterr().out
+    with pytest.raises(SearchError, match="no study named 'tiny'"):
+        load_study("tiny")
+    assert [p.name for p in root.iterdir()] == ["full-trial-0"]
+    assert main(["create-study", "--config", str(write_search())]) == 0  # the name is free
 
 
 def test_create_study_is_all_or_nothing(
