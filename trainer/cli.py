@@ -160,7 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"amt-train: error: {where}: {e.strerror}{write_hint(e)}", file=sys.stderr)
         return 2
     if rank == 0:
-        print(f"BLEU-4 {result.bleu:.2f}, val loss {result.val_loss:.4f} (best "
+        test = (f", BLEU-4 {result.test_bleu:.2f} on the test split"
+                if result.test_bleu is not None else "")
+        print(f"BLEU-4 {result.bleu:.2f} on the validation subset{test}, val loss "
+              f"{result.val_loss:.4f} (best "
               f"{result.best_val_loss:.4f} at step {result.best_step}), {result.steps} steps, "
               f"{result.tokens_per_s:,.0f} tokens/s, stopped by {result.stopped_by}; "
               f"results in {cfg.train.out_dir}/result.json")

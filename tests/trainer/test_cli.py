@@ -112,14 +112,16 @@ def test_train_resume_and_failures(task: Path, tmp_path: Path,
               "--out-dir", str(out)]
     first = run_train(*common, "--set", "train.max_steps=4")
     assert first.returncode == 0, first.stderr
-    assert "Traceback" not in first.stderr and "BLEU-4" in first.stdout
+    assert "Traceback" not in first.stderr and "on the validation subset" in first.stdout
     assert json.loads((out / "result.json").read_text())["steps"] == 4
 
     line = user_error(capsys, *common, "--set", "train.max_steps=4")  # would overwrite it
     assert "train.out_dir" in line and "--resume" in line
 
-    longer = run_train(*common, "--set", "train.max_steps=6", "--resume")
+    longer = run_train(*common, "--set", "train.max_steps=6", "--resume", "--set",
+                       "eval.test=true")
     assert longer.returncode == 0, longer.stderr
+    assert "on the test split" in longer.stdout  # the last line gives both BLEU-4 scores
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [2, 4, 6]
 
