@@ -129,10 +129,14 @@ def load_checkpoint(path: Path | str, map_location: str | None = "cpu") -> dict[
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        what = ("holds objects that weights-only loading refuses" if zipped
+                else "is not a PyTorch checkpoint (no zip archive: damaged when written?)")
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded with weights_only=True "
-            f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
-        ) from e
+            f"checkpoint {path} {what} ({first}) — use another checkpoint, or move the run "
+            "directory away to start afresh") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state

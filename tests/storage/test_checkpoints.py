@@ -102,8 +102,25 @@ def test_file_not_in_manifest_is_refused(tmp_path: Path) -> None:
 
 def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = ck.save_checkpoint(tmp_path, 1, {"obj": ck.CheckpointCheck(tmp_path, 1, "")})
-    with pytest.raises(CheckpointError, match="weights_only=True"):
+    with pytest.raises(CheckpointError, match="holds objects that weights-only loading refuses"):
         ck.load_checkpoint(path)
+
+
+def test_garbage_that_matches_its_manifest_is_named_so(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    path = ck.save_checkpoint(tmp_path, 1, state(1))
+    garbage = b"not a checkpoint at all" * 10
+    path.write_bytes(garbage)
+    manifest = json.loads((tmp_path / ck.MANIFEST).read_text())
+    manifest["checkpoints"][0].update(size=len(garbage),
+                                      sha256=hashlib.sha256(garbage).hexdigest())
+    (tmp_path / ck.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError) as e:
+        ck.load_checkpoint(path)
+    assert "is not a PyTorch checkpoint (no zip archive" in str(e.value)
+    assert "weights_only` set to `False`" not in str(e.value)  # torch's advice does not apply
 
 
 def test_no_checkpoint_yet(tmp_path: Path) -> None:
