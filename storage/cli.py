@@ -39,7 +39,13 @@ def _run(args: argparse.Namespace) -> int:
         if external and not embedded.is_embedded_url(external):
             print(f"note: {mask_url(external)} is not the embedded server; stopping the "
                   "embedded one only")
-        clients = embedded.status().get("connections") if not args.force else None
+        info = embedded.status() if not args.force else {}
+        if info.get("running") and info.get("connections") is None:
+            print("amt-search: error: the embedded PostgreSQL (pid "
+                  f"{info['pid']}) does not answer (stopped or busy?): it cannot say who is "
+                  "connected; try again, or pass --force", file=sys.stderr)
+            return 2
+        clients = info.get("connections")
         if clients:
             print(f"amt-search: error: the embedded PostgreSQL has {clients} client "
                   "connection(s) (workers, the dashboard?): running workers would start it "
@@ -62,10 +68,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _print_status(info: dict[str, Any]) -> None:
     if info["running"]:
-        print(
-            f"embedded PostgreSQL: running (pid {info['pid']}, started {info['started_at']}, "
-            f"{info['connections']} client connections)"
-        )
+        clients = ("not answering: stopped or busy?" if info["connections"] is None
+                   else f"{info['connections']} client connections")
+        print(f"embedded PostgreSQL: running (pid {info['pid']}, started {info['started_at']}, "
+              f"{clients})")
         print(f"url:  {check_url(info['url'])}")
         print(f"psql: psql '{info['url']}'")
     else:

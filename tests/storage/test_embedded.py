@@ -84,6 +84,22 @@ def test_started_once_shared_survives_an_exit_and_db_stop_stops_it(
             proc.wait()
 
 
+def test_a_frozen_server_is_not_stopped_blind(
+    embedded_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    embedded.ensure_server()
+    pid = embedded.status()["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert "not answering: stopped or busy?" in db("status", capsys)
+        refused = db("stop", capsys, rc=2)
+        assert "does not answer" in refused and "--force" in refused
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert embedded.status()["running"]
+    assert db("stop", capsys).strip() == "stopped the embedded PostgreSQL"
+
+
 def test_restarts_after_the_server_was_killed(embedded_home: Path) -> None:
     url = embedded.ensure_server()
     pid = embedded.status()["pid"]
