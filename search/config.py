@@ -146,6 +146,10 @@ class PrunerConfig:
             raise ConfigError("pruner.n_startup_trials and pruner.n_warmup_evals must be >= 0")
 
 
+MAX_TRIALS = 1_000_000
+MAX_TIMEOUT_S = 366 * 86400
+
+
 @dataclass(frozen=True, kw_only=True)
 class TruncationConfig:
     """The short budget every trial trains under (the promoted full run drops it).
@@ -286,10 +290,12 @@ class SearchConfig:
             )
         if self.n_trials is None and self.timeout_s is None:
             raise ConfigError("set n_trials, timeout_s or both (otherwise the study never ends)")
-        if self.n_trials is not None and self.n_trials <= 0:
-            raise ConfigError(f"n_trials must be > 0, got {self.n_trials}")
-        if self.timeout_s is not None and self.timeout_s <= 0:
-            raise ConfigError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.n_trials is not None and not 0 < self.n_trials <= MAX_TRIALS:
+            raise ConfigError(f"n_trials must be 1-{MAX_TRIALS:,}, got {self.n_trials:,} (for "
+                              "a study without a trial budget leave it out and set timeout_s)")
+        if self.timeout_s is not None and not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            raise ConfigError(f"timeout_s must be > 0 and at most {MAX_TIMEOUT_S:,} s (a "
+                              f"year), got {self.timeout_s}")
         if not 1 <= self.heartbeat_interval_s <= 3600:
             raise ConfigError(
                 f"heartbeat_interval_s must be 1-3600, got {self.heartbeat_interval_s}"

@@ -61,6 +61,8 @@ BAD = [
      "pruner.max_resource=2 is below pruner.min_resource=3"),
     ({"n_trials": _DELETE}, "set n_trials, timeout_s or both"),
     ({"n_trials": 2}, "enqueue lists 3 trials but n_trials is 2"),
+    ({"n_trials": 1e30}, "n_trials must be 1-1,000,000, got 1,000,000,000,000,000,019,884,"),
+    ({"timeout_s": 1e9}, "timeout_s must be > 0 and at most 31,622,400 s"),
     ({"grace_period_s": 3}, "grace_period_s=3 must be at least"),
     ({"space": {}}, "space is empty"),
     ({"space|optim.lr|low": 0.5}, "space.optim.lr: low (0.5) > high (0.03)"),
