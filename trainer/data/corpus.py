@@ -228,11 +228,11 @@ def _check_bible_codes(cfg: DataConfig) -> None:
                 hint = " or ".join(f"'{t.code}' ({t.language} {t.name})" for t in close)
                 raise ConfigError(f"{key}: unknown Bible translation '{code}': did you mean "
                                   f"{hint}? (codes are one case-sensitive character; "
-                                  "python -m trainer.data --list)")
+                                  "amt-data --list)")
             listing = ", ".join(f"{t.code}={t.language} {t.name}" for t in known.values())
             raise ConfigError(
                 f"{key}: unknown Bible translation '{code}' (available: {listing}); "
-                "see python -m trainer.data --list"
+                "see amt-data --list"
             )
 
 
