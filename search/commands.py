@@ -89,7 +89,7 @@ def register(sub: Any) -> None:
             + help_text[1:]
             + ". Pruned trials show their last BLEU-4 in parentheses.",
         )
-        p.add_argument("--study", required=True, help="study name")
+        p.add_argument("--study", help="study name (default: the storage's only study)")
         p.add_argument("--storage", help=_STORAGE_HELP)
         p.add_argument("--format", choices=("table", "csv", "json"), default="table",
                        help="table (default), csv or json (every parameter and attribute)")
@@ -230,9 +230,9 @@ def _seconds(text: str) -> float:
 
 def _report(args: argparse.Namespace) -> int:
     from search import leaderboard
-    from search.study import load_study
+    from search.study import load_study, only_study
 
-    study, cfg = load_study(args.study, args.storage)
+    study, cfg = load_study(args.study or only_study(args.storage), args.storage)
     if args.command == "trials":
         print(leaderboard.format_rows(leaderboard.trial_rows(study, cfg, args.sort), args.format))
     elif args.command == "status":

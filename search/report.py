@@ -817,7 +817,7 @@ def register(sub: Any) -> None:
         "saved by pruning, the best trial and how to promote it) into --out. A figure without "
         "data is left out and REPORT.md says why.",
     )
-    p.add_argument("--study", required=True, help="study name")
+    p.add_argument("--study", help="study name (default: the storage's only study)")
     p.add_argument(
         "--storage", help="storage URL (default: $AMT_STORAGE_URL, else the embedded PostgreSQL)"
     )
@@ -852,6 +852,9 @@ def _trial_list(text: str) -> list[int]:
 def _report(args: argparse.Namespace) -> int:
     if not str(args.out).strip():
         raise SearchError("--out is empty: give the directory for the figures and REPORT.md")
-    path = write_report(args.study, args.out, args.storage, args.trials, args.run)
+    from search.study import only_study
+
+    study = args.study or only_study(args.storage)
+    path = write_report(study, args.out, args.storage, args.trials, args.run)
     print(f"wrote {path}")
     return 0

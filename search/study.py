@@ -44,6 +44,7 @@ __all__ = [
     "create_study",
     "delete_study",
     "load_study",
+    "only_study",
     "make_pruner",
     "pruner_min_resource",
     "make_sampler",
@@ -256,6 +257,24 @@ def load_study(
 def open_worker_storage(name: str, storage_url: str | None = None) -> Any:
     """The storage opened with study ``name``'s heartbeat interval and grace period."""
     return _open(storage_url, _stored_config(open_storage(storage_url, create=False), name))
+
+
+def only_study(storage_url: str | None = None) -> str:
+    """The name of the storage's one amt-search study (for commands given no --study).
+
+    Raises:
+        SearchError: none, or several (the message lists them).
+    """
+    rdb = open_storage(storage_url, create=False)
+    names = sorted(s.study_name for s in rdb.get_all_studies() if CONFIG_ATTR in s.system_attrs)
+    rdb.engine.dispose()
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise SearchError(f"no study in {_where(storage_url)} — create one with 'amt-search "
+                          "create-study'")
+    raise SearchError(f"--study is needed: {_where(storage_url)} holds {len(names)} studies: "
+                      + ", ".join(names))
 
 
 def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:

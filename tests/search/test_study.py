@@ -50,8 +50,14 @@ def test_create_study_stores_config_and_enqueues_report_trials_first(
             and "amt-search delete-study --study tiny" in err)
     assert main(["create-study", "--config", str(write_search()), "--skip-if-exists"]) == 0
     assert len(load_study("tiny")[0].trials) == 3  # nothing enqueued twice
+    capsys.readouterr()
+    assert main(["status"]) == 0  # the only study: no --study needed
+    assert "study tiny: 0/8 finished" in capsys.readouterr().out
     assert main(["create-study", "--config", str(write_search()), "--study-name", "t2"]) == 0
     assert load_study("t2")[1].name == "t2"
+    assert main(["trials"]) == 2
+    err = capsys.readouterr().err
+    assert "--study is needed: " in err and "2 studies: t2, tiny" in err
 
 
 @pytest.mark.usefixtures("restore_signals")
