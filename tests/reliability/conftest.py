@@ -56,6 +56,7 @@ SCENARIOS = (
     "PostgreSQL down 20 s",
     "PostgreSQL down 60 s",
     "SIGTERM during a PostgreSQL outage",
+    "PostgreSQL frozen (SIGSTOP) past the grace period",
     "SIGSTOP a worker (and the start lock's holder) 20 s",
     "SIGTERM a worker",
     "NaN / inf loss",

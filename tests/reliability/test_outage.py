@@ -1,5 +1,6 @@
 """PostgreSQL stopped mid-study for 0, 20 and 60 s (the embedded server: ``pg_ctl stop -m fast``,
-then started again) while two workers train.
+then started again) while two workers train; frozen (SIGSTOP, as a hung host or a cut network
+looks) for longer than the grace period.
 
 The workers must wait and carry on: every trial completes, no trial is declared stale or
 retried, every evaluation's report is in the study (none lost) and no trial is duplicated.
@@ -13,9 +14,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 from optuna.trial import TrialState
 
-from tests.reliability.conftest import EmbeddedPG, ForkServer, make_study, wait_for
+from tests.reliability.conftest import GRACE_S, EmbeddedPG, ForkServer, make_study, wait_for
 
 OUTAGES_S = (0, 20, 60)
 N_TRIALS = 6  # 3 a worker: the third outage must find both mid-trial, however fast they train
@@ -125,4 +127,48 @@ def test_sigterm_during_an_outage_leaves_at_once_and_the_trial_resumes_later(
            f"the worker leaves {left_s:.1f} s after SIGTERM with one error line (no traceback), "
            "not after the 600 s retry window; with the database back the next worker fails the "
            "trial as stale and completes it from its checkpoint")
+    assert not problems, "\n".join(problems)
+
+
+def test_postgres_frozen_past_the_grace_period_fails_no_trial(
+    forkserver: ForkServer, corpus_dir: Path, embedded_pg: EmbeddedPG, tmp_path: Path,
+    record: Callable[..., None],
+) -> None:
+    """Every heartbeat stops at once and comes back at once: the first worker to look after
+    the freeze must not fail the other's trial as stale (no trial retried), and both finish."""
+    from storage import embedded
+
+    started = time.monotonic()
+    study = make_study(
+        tmp_path, corpus_dir, embedded_pg.url, "frozen", n_trials=4,
+        truncation={"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY,
+                    "eval_subset": 8, "warmup": 0.1},
+    )
+    workers = [study.spawn(forkserver, i) for i in range(2)]
+
+    def running() -> int:
+        return len(study.study().get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+    wait_for(lambda: running() == 2, 120, "both workers mid-trial")
+    time.sleep(1.0)
+    server = psutil.Process(embedded_pg._call(embedded.status)["pid"])
+    frozen = [server, *server.children(recursive=True)]
+    for p in frozen:
+        p.suspend()
+    time.sleep(2 * GRACE_S)
+    for p in frozen:
+        p.resume()
+    codes = [w.wait(180) for w in workers]
+    trials = study.study().get_trials(deepcopy=False)
+    problems = [f"worker exited {rc}:\n{w.tail()}" for w, rc in zip(workers, codes, strict=True)
+                if rc != 0]
+    retried = [t.number for t in trials if "failed_trial" in t.system_attrs]
+    states = sorted(t.state.name for t in trials)
+    if retried or states != ["COMPLETE"] * 4:
+        problems.append(f"trials {states}, retries of {retried}")
+    record("PostgreSQL frozen (SIGSTOP) past the grace period", 1, int(not problems),
+           time.monotonic() - started,
+           f"the server and its backends stopped {2 * GRACE_S} s (twice the grace period) "
+           "with two workers mid-trial, then continued: no trial failed as stale or retried, "
+           "every trial completes")
     assert not problems, "\n".join(problems)
