@@ -92,6 +92,11 @@ def create_study(
     if bad:
         log.warning("space: %d of 256 random points are invalid combinations (e.g. %s); such "
                     "trials fail (invalid_params) and the worker draws again", bad, example)
+    searched = {p.name for p in cfg.space}
+    for key, rule in (("model.n_heads", "derive.head_dim"), ("model.d_ff", "derive.ffn_ratio")):
+        if key in cfg.overrides and "model.d_model" in searched:
+            log.warning("overrides.%s=%s holds for every searched model.d_model: %s is not "
+                        "used for it", key, cfg.overrides[key], rule)
     idle = pruner_never_prunes(cfg)
     if idle:
         log.warning("pruner: %s", idle)

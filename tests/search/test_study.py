@@ -283,6 +283,13 @@ def test_a_pruner_that_can_never_prune_warns(
     assert says in caplog.text
 
 
+def test_fixed_heads_with_a_searched_width_warn(write_search: Callable[..., Path],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    create_study(load_search_config(write_search(overrides={"model.n_heads": 2})))
+    assert ("overrides.model.n_heads=2 holds for every searched model.d_model: "
+            "derive.head_dim is not used") in caplog.text
+
+
 def test_the_default_pruner_does_not_warn(write_search: Callable[..., Path],
                                           caplog: pytest.LogCaptureFixture) -> None:
     create_study(load_search_config(write_search()))
