@@ -370,13 +370,16 @@ def load_search_config(path: str | Path) -> SearchConfig:
     # relative corpus paths mean the directory create-study runs in (as for amt-train); stored
     # absolute, so that workers started anywhere on the host find the same files
     if isinstance(base_raw.get("data"), dict):
-        base_raw = {**base_raw, "data": _absolute_paths(base_raw["data"], "")}
+        base_raw = {**base_raw, "data": _absolute_paths(base_raw["data"], "",
+                                                        base_path.parent.absolute())}
+    here = p.parent.absolute()
     if isinstance(raw.get("overrides"), dict):
-        raw = {**raw, "overrides": _absolute_paths(flatten_overrides(raw["overrides"]), "data.")}
+        raw = {**raw, "overrides": _absolute_paths(flatten_overrides(raw["overrides"]), "data.",
+                                                   here)}
     trunc = raw.get("truncation")
     if isinstance(trunc, dict) and isinstance(trunc.get("overrides"), dict):
         raw = {**raw, "truncation": {**trunc, "overrides": _absolute_paths(
-            flatten_overrides(trunc["overrides"]), "data.")}}
+            flatten_overrides(trunc["overrides"]), "data.", here)}}
     try:
         return search_config_from_dict({**raw, "base_train": base_raw})
     except ConfigError as e:
@@ -386,13 +389,23 @@ def load_search_config(path: str | Path) -> SearchConfig:
 _PATH_KEYS = ("path", "train_path", "val_path", "test_path", "cache_dir")
 
 
-def _absolute_paths(section: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """``section`` with its relative corpus paths (``prefix + key``) made absolute."""
+def _absolute_paths(section: dict[str, Any], prefix: str,
+                    config_dir: Path | None = None) -> dict[str, Any]:
+    """``section`` with its relative corpus paths (``prefix + key``) made absolute (against
+    the directory the command runs in). A file found relative to ``config_dir`` only is
+    refused with that said: the user meant it relative to the config."""
     out = dict(section)
     for key in _PATH_KEYS:
         value = out.get(prefix + key)
         if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
-            out[prefix + key] = str(Path(value).absolute())
+            here = Path(value).absolute()
+            if (config_dir is not None and key != "cache_dir" and not here.exists()
+                    and (config_dir / value).exists()):
+                raise ConfigError(
+                    f"data.{key}: {value} is not found relative to {Path.cwd()} (where corpus "
+                    f"paths are read from) but is relative to the config's folder {config_dir}: "
+                    "run from there, or write the path from here or absolute")
+            out[prefix + key] = str(here)
     return out
 
 

@@ -183,6 +183,11 @@ def _lock_run_dir(out_dir: Path) -> int:
     return fd
 
 
+def _new_run(out_dir: Path) -> str:
+    return (f"start a new run elsewhere (amt-train --out-dir; under promote --run, move {out_dir} "
+            "away)")
+
+
 _LOGGED: set[tuple[str, str]] = set()  # BLEU tokenisations already logged by this process
 
 
@@ -897,8 +902,8 @@ class Run:
             raise ConfigError(
                 f"the checkpoint {path} was trained with another tokenizer (another corpus or "
                 "data settings, or the corpus changed since): its token ids mean other words "
-                "here — resume with the data section it was saved with, or start a new run "
-                "(another --out-dir)")
+                "here — resume with the data section it was saved with, or "
+                + _new_run(self.out_dir))
         saved_data = state["config"].get("data", {})
         data_now = config_to_dict(self.cfg.data)
         for k in () if saved_key is not None else _CORPUS_KEYS:  # older checkpoints: by config
@@ -906,13 +911,13 @@ class Run:
                 raise ConfigError(
                     f"data.{k} is {data_now[k]!r} but the checkpoint {path} being resumed was "
                     f"trained with {saved_data[k]!r} (another corpus or vocabulary); resume with "
-                    f"--set data.{k}={saved_data[k]} or start a new run (another --out-dir)")
+                    f"--set data.{k}={saved_data[k]} or " + _new_run(self.out_dir))
         vocab = state["model"].get("wte.weight")
         if vocab is not None and vocab.shape[0] != self.data.vocab_size:
             raise ConfigError(
                 f"the checkpoint {path} has a vocabulary of {vocab.shape[0]} tokens, this run's "
                 f"corpus gives {self.data.vocab_size}: the corpus changed since it was saved — "
-                "start a new run (another --out-dir)")
+                + _new_run(self.out_dir))
         ours = config_to_dict(self.cfg.model)
         saved_model = state["config"]["model"]
         if "rope_pairs" not in saved_model:  # saved before the key: RoPE was interleaved

@@ -219,3 +219,25 @@ def test_warmup_beyond_a_trial_is_refused_as_a_choice_or_an_override(tmp_path: P
     with pytest.raises(ConfigError, match=r"truncation.overrides.optim.warmup: set "
                        r"truncation.warmup instead"):
         load_search_config(bad)
+
+
+def test_a_corpus_path_meant_relative_to_the_config_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Corpus paths are read from the directory the command runs in (base_config is relative
+    to the config): a path that only resolves against the config's folder is named so."""
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (tmp_path / "data").mkdir()
+    train = tiny_train(tmp_path / "data")
+    (configs / "train.yaml").write_text(yaml.safe_dump(train))
+    search = {**tiny_search(), "overrides": {"data.path": "../data/corpus.tsv"}}
+    (configs / "search.yaml").write_text(yaml.safe_dump(search))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        load_search_config("configs/search.yaml")
+    assert ("data.path: ../data/corpus.tsv is not found relative to " in str(e.value)
+            and "but is relative to the config's folder" in str(e.value))
+    monkeypatch.chdir(configs)  # from the config's folder it is right
+    path = Path(load_search_config("search.yaml").overrides["data.path"])
+    assert path.resolve() == tmp_path / "data" / "corpus.tsv"

@@ -301,6 +301,11 @@ def test_missing_and_undecodable_files(tmp_path: Path) -> None:
                        r"UTF-8; if the file has another encoding, convert it .*else line 2 is "
                        r"damaged"):
         load_corpus(DataConfig(source="tsv", path=str(latin1)))
+    mixed = tmp_path / "mixed.tsv"  # UTF-8 French, then a Latin-1 line: iconv would garble
+    mixed.write_bytes("le café\tthe coffee\n".encode() + "caf\xe9\tcoffee\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"mixed.tsv line 2: not UTF-8 .*line 1 and others "
+                       r"before it are UTF-8 text beyond ASCII, so the file mixes encodings"):
+        load_corpus(DataConfig(source="tsv", path=str(mixed)))
     gbk = tmp_path / "gbk.tsv"
     gbk.write_bytes("起初\t太初\n".encode("gb18030"))
     with pytest.raises(ConfigError, match=r"gbk.tsv line 1: not UTF-8 .*file -i FILE.*GB18030"):

@@ -394,6 +394,7 @@ _LANGUAGE_CODES = frozenset(
 
 
 def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
+    beyond_ascii = 0  # the first line read as UTF-8 text beyond ASCII
     try:
         with path.open("rb") as f:
             for number, raw in enumerate(f, start=1):
@@ -401,8 +402,10 @@ def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
                     line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     where = f"{key}: {path} line {number}"
-                    hint = _encoding_hint(raw, number)
+                    hint = _encoding_hint(raw, number, beyond_ascii)
                     raise ConfigError(f"{where}: not UTF-8 ({e.reason}){hint}") from None
+                if not beyond_ascii and not line.isascii():
+                    beyond_ascii = number
                 yield number, line.rstrip("\r\n")
     except FileNotFoundError:
         raise ConfigError(f"{key}: {path}: file not found") from None
@@ -412,12 +415,18 @@ def _numbered_lines(key: str, path: Path) -> Iterator[tuple[int, str]]:
         raise ConfigError(f"{key}: {path}: permission denied") from None
 
 
-def _encoding_hint(raw: bytes, number: int) -> str:
-    """What the bytes of a line that is not UTF-8 look like, and what to do about it."""
+def _encoding_hint(raw: bytes, number: int, beyond_ascii: int = 0) -> str:
+    """What the bytes of a line that is not UTF-8 look like, and what to do about it.
+    ``beyond_ascii``: an earlier line that read as UTF-8 text beyond ASCII (0: none)."""
     if number == 1 and raw.startswith(b"\x1f\x8b"):
         return ": the file is gzip-compressed; decompress it first (gunzip)"
     if number == 1 and raw.startswith((b"\xff\xfe", b"\xfe\xff")):
         return ": the file is UTF-16; convert it (iconv -f UTF-16 -t UTF-8 IN > OUT)"
+    if beyond_ascii:  # UTF-8 before it: converting the whole file would garble those lines
+        return (f": line {beyond_ascii} and others before it are UTF-8 text beyond ASCII, so the "
+                "file mixes encodings; converting it whole (iconv) would garble the UTF-8 "
+                f"lines: fix line {number} and any like it (re-type it, or convert that line "
+                "alone) or delete it")
     if number > 1:  # the lines before decoded: another encoding, or one damaged line
         return (f": lines 1-{number - 1} read as UTF-8; if the file has another encoding, "
                 "convert it (find it with 'file -i FILE', then iconv -f ITS_ENCODING -t UTF-8 "
