@@ -6,9 +6,11 @@ temporary cache directory; the file-format tests use tiny corpora.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
+import re
 import time
 from pathlib import Path
 
@@ -444,6 +446,34 @@ def test_many_cut_pairs_are_warned(tmp_path: Path, caplog: pytest.LogCaptureFixt
                      max_tgt_tokens=16, cache_dir=str(tmp_path / "cache"))
     prepare(cfg)
     assert "of the targets than data.max_tgt_tokens=16; they are cut" in caplog.text
+
+
+def test_a_vocabulary_too_large_for_unspaced_text_is_warned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Targets without spaces (31 Han characters for 200 words, order reversed): a 4000-token
+    BPE merges them into phrases seen once or twice, the model answers one character to
+    everything (BLEU-4 0); the log names the share and a vocabulary that fits."""
+    import random
+
+    rng = random.Random(0)
+    han = [chr(0x4E00 + 7 * i) for i in range(31)]
+    words = {f"w{i}": "".join(rng.choice(han) for _ in range(rng.randint(1, 3)))
+             for i in range(200)}
+    pairs = []
+    for _ in range(3000):
+        sentence = [rng.choice(list(words)) for _ in range(rng.randint(3, 8))]
+        pairs.append((" ".join(sentence), "".join(words[w] for w in reversed(sentence))))
+    path = write_tsv(tmp_path / "han.tsv", pairs)
+    cfg = DataConfig(source="tsv", path=str(path), vocab_size=4000, max_src_tokens=60,
+                     max_tgt_tokens=60, cache_dir=str(tmp_path / "cache"))
+    prepare(cfg)
+    assert re.search(r"data: \d+ % of the training targets' tokens are pieces seen fewer than 5 "
+                     r"times \(data.vocab_size=4000 is large .*try data.vocab_size=\d+",
+                     caplog.text)
+    caplog.clear()
+    prepare(dataclasses.replace(cfg, vocab_size=500))
+    assert "pieces seen fewer" not in caplog.text
 
 
 def test_unreadable_cache_file_is_rebuilt(tmp_path: Path) -> None:

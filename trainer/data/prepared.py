@@ -156,6 +156,7 @@ def prepare(data_cfg: DataConfig) -> PreparedData:
         f" (built {', '.join(data.built)})" if data.built else " (cached)",
     )
     _warn_cut(arrays, data_cfg)
+    _warn_rare(arrays, data_cfg)
     _MEMO[memo_key] = data
     while len(_MEMO) > _MEMO_SIZE:
         del _MEMO[next(iter(_MEMO))]  # the oldest
@@ -178,6 +179,34 @@ def _warn_cut(arrays: dict[str, np.ndarray], cfg: DataConfig) -> None:
             "%.0f %% of the targets than data.max_tgt_tokens=%d; they are cut, which caps "
             "BLEU-4: raise those limits (and model.max_len) or data.vocab_size",
             100 * cut["src"], cfg.max_src_tokens, 100 * cut["tgt"], cfg.max_tgt_tokens)
+
+
+RARE_COUNT = 5  # a token seen fewer times in training is one the model barely learns
+RARE_WARN = 0.2  # of a side's training tokens (the Bible: under 1 %; unspaced text at a
+# vocabulary too large for the corpus, where merges make rare chunks: 45 %, BLEU-4 0)
+
+
+def _warn_rare(arrays: dict[str, np.ndarray], cfg: DataConfig) -> None:
+    """Warn when many training tokens are of types seen fewer than RARE_COUNT times: a
+    vocabulary too large for the corpus (scripts without spaces merge into whole phrases)."""
+    common = 0
+    shares = {}
+    for side in ("src", "tgt"):
+        ids = arrays[f"train_{side}_ids"]
+        if not len(ids):
+            return
+        counts = np.bincount(ids)
+        shares[side] = float(np.mean(counts[ids] < RARE_COUNT))
+        common = max(common, int(np.sum(counts >= RARE_COUNT)))
+    side = max(shares, key=lambda k: shares[k])
+    if shares[side] > RARE_WARN:
+        suggest = max(100, -(-2 * common // 100) * 100)
+        log.warning(
+            "data: %.0f %% of the training %s' tokens are pieces seen fewer than %d times "
+            "(data.vocab_size=%d is large for this corpus; text without spaces merges into "
+            "rare chunks): the model can hardly learn them and BLEU-4 stays low; try "
+            "data.vocab_size=%d", 100 * shares[side],
+            "targets" if side == "tgt" else "sources", RARE_COUNT, cfg.vocab_size, suggest)
 
 
 def clear_memo() -> None:
