@@ -70,7 +70,8 @@ def describe(cfg: TrainConfig) -> str:
     m = cfg.model
     return "\n".join([
         f"model: {m.n_layers} layers, d_model {m.d_model}, {m.n_heads} heads, d_ff {m.d_ff}, "
-        f"{m.positional}, {m.norm}-norm, {m.attention_mask} mask, vocab {cfg.data.vocab_size} (data.vocab_size; a small corpus may give fewer)",
+        f"{m.positional}, {m.norm}-norm, {m.attention_mask} mask, vocab {cfg.data.vocab_size} "
+        "(data.vocab_size; a small corpus may give fewer)",
         *(f"{name:>14}: {n:>12,} ({n / 1e6:.1f} M)" for name, n in counts.items()),
     ])
 
