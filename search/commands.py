@@ -149,10 +149,13 @@ def _create_study(args: argparse.Namespace) -> int:
     trials = study.get_trials(deepcopy=False)
     waiting = sum(t.state.name == "WAITING" for t in trials)
     print(f"study {study.study_name}: {len(trials)} trials, {waiting} queued to run")
+    import torch  # (create-study loaded it for the corpus check)
+
     storage = " --storage URL" if args.storage else ""  # (no password echoed)
-    print(f"next: amt-search launch --study {study.study_name} --gpus all{storage} (or "
-          f"--cpu-workers 2); watch it with amt-search status --study {study.study_name}"
-          f"{storage} or amt-search dashboard")
+    where = "--gpus all" if torch.cuda.is_available() else "--cpu-workers 2"
+    print(f"next: amt-search launch --study {study.study_name} {where}{storage}; watch it "
+          f"with amt-search status --study {study.study_name}{storage} or amt-search "
+          "dashboard")
     return 0
 
 

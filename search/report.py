@@ -632,6 +632,10 @@ def importance_figure(study: optuna.Study) -> Figure:
     from matplotlib.figure import Figure
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) >= 3 and len({t.value for t in complete}) == 1:
+        raise NothingToPlot(
+            f"every complete trial scored BLEU-4 {complete[0].value:.2f}: nothing tells the "
+            "parameters apart (a task the models have not learned yet?)")
     if len(complete) < 3:
         raise NothingToPlot(
             f"{len(complete)} complete trial(s); PED-ANOVA importance needs at least 3"

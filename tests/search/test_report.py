@@ -280,6 +280,17 @@ def test_edge_cases(storage_url: str, tmp_path: Path) -> None:
     assert "*Not drawn: 1 complete trial(s); PED-ANOVA importance needs at least 3.*" in text
     assert not (out / "param_importance.png").exists()
 
+    # every complete trial on one score (all 0.00: nothing learned): no importance drawn
+    flat = optuna.create_study(study_name="flat", storage=open_storage(storage_url),
+                               direction="maximize")
+    flat._storage.set_study_system_attr(flat._study_id, CONFIG_ATTR, search_config("flat"))
+    for lr in (1e-4, 2e-4, 3e-4):
+        flat.add_trial(create_trial(state=TrialState.COMPLETE, value=0.0,
+                                    params={"optim.lr": lr},
+                                    distributions={"optim.lr": SPACE["optim.lr"]}))
+    with pytest.raises(report.NothingToPlot, match="every complete trial scored BLEU-4 0.00"):
+        report.importance_figure(flat)
+
     # a stale trial and its waiting retry are one trial; the line says so and adds up
     study = optuna.load_study(study_name="one", storage=open_storage(storage_url))
     stopped = study.trials[1]
@@ -290,7 +301,7 @@ def test_edge_cases(storage_url: str, tmp_path: Path) -> None:
     assert ("- trials: 2 (1 complete, 0 pruned, 0 failed, 0 running, 1 waiting; a retried "
             "trial counts once: 1 earlier attempt that a retry replaced)") in text
 
-    with pytest.raises(SearchError, match=r"no study named 'nope' .*studies: empty, one"):
+    with pytest.raises(SearchError, match=r"no study named 'nope' .*studies: empty, flat, one"):
         report.write_report("nope", tmp_path / "x", storage_url)
     with pytest.raises(SearchError, match=r"--trials: 9 not in the study \(trials: 0, 1, 2\)"):
         report.write_report("one", out, storage_url, trials=[9])
