@@ -614,6 +614,9 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if not isinstance(nxt, dict):
                 raise ConfigError(f"cannot override '{dotted}': '{part}' is not a section")
             node = nxt
+        if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+            raise ConfigError(f"cannot override '{dotted}' with {value!r}: it is a section; "
+                              f"set its keys ({dotted}.KEY=VALUE)")
         node[parts[-1]] = value
     return out
 
@@ -625,12 +628,15 @@ def flatten_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in overrides.items():
         key = str(key)
-        if isinstance(value, dict) and value and key.split(".")[0] != "meta":
-            for sub, inner in flatten_overrides(
-                    {f"{key}.{k}": v for k, v in value.items()}).items():
-                out[sub] = inner
+        if isinstance(value, dict) and key.split(".")[0] != "meta":
+            pairs = flatten_overrides({f"{key}.{k}": v for k, v in value.items()}).items()
         else:
-            out[key] = value
+            pairs = {key: value}.items()
+        for sub, inner in pairs:  # ({} changes nothing)
+            if sub in out:
+                raise ConfigError(f"'{sub}' is set twice in the overrides (once as "
+                                  f"{sub}, once inside a section); keep one")
+            out[sub] = inner
     return out
 
 

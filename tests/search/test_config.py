@@ -114,6 +114,9 @@ BAD = [
      "enqueue[2] repeats enqueue[0]: training is deterministic"),
     ({"overrides": {"optim.lr": 1e-3}}, "overrides.optim.lr is also searched"),
     ({"overrides": {"optim": {"lr": 1e-3}}}, "overrides.optim.lr is also searched"),
+    ({"overrides": {"model": None}}, "cannot override 'model' with None: it is a section"),
+    ({"overrides": {"model.norm": "pre", "model": {"norm": "post"}}},
+     "'model.norm' is set twice in the overrides"),
     ({"overrides": {"model.colour": 1}}, "base_config + overrides: unknown key 'model.colour'"),
 ]
 
@@ -154,7 +157,8 @@ def test_shipped_configs_load_and_round_trip(name: str) -> None:
 
 
 def test_an_override_given_as_a_section_keeps_the_sections_other_keys(tmp_path: Path) -> None:
-    cfg = search_config_from_dict(_raw(tmp_path, overrides={"model": {"dropout": 0.2}}))
+    cfg = search_config_from_dict(_raw(tmp_path, overrides={"model": {"dropout": 0.2},
+                                                            "optim": {}}))  # {}: no change
     assert cfg.overrides == {"model.dropout": 0.2}
     t = trial_train_config(cfg, {"model.n_layers": 1}, out_dir="/tmp/x")
     assert (t.model.dropout, t.model.norm, t.model.max_len) == (0.2, "pre", 32)  # base kept
