@@ -504,6 +504,9 @@ class Run:
                    disable=self.rank != 0 or not sys.stderr.isatty()
                    or os.environ.get("AMT_PROGRESS", "1") == "0")
         stopped_by = self._stop_reason()
+        patience = cfg.train.early_stopping_patience
+        if stopped_by is None and patience and p.bad_evals >= patience:
+            stopped_by = "early_stopping"  # resumed after it stopped early: nothing to train
         while stopped_by is None:
             t0 = time.perf_counter()
             step_batches = [next(batches) for _ in range(cfg.train.grad_accum)]

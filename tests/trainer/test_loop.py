@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -274,6 +275,10 @@ def test_early_stopping(task: Path, tmp_path: Path) -> None:
 
     again = fit(cfg, resume=True)  # ended: nothing more to train
     assert again == result
+    tested = fit(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, test=True)),
+                 resume=True)  # the test split wanted now: evaluated, still nothing trained
+    assert tested.steps == result.steps and tested.test_bleu is not None
+    assert tested.history == result.history
 
 
 def test_resuming_a_finished_run_trains_and_evaluates_nothing(
