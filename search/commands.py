@@ -168,7 +168,7 @@ def _delete_study(args: argparse.Namespace) -> int:
     def plan(d: Any) -> str:
         runs = (f"{len(d.run_dirs)} trial run director{'y' if len(d.run_dirs) == 1 else 'ies'}"
                 f" ({d.run_bytes / 1e6:.1f} MB)" if d.run_dirs else "no trial run directory")
-        kept = f"; {len(d.kept)} promoted full run(s) stay" if d.kept else ""
+        kept = f"; these stay: {', '.join(d.kept)}" if d.kept else ""
         return f"study {d.study} ({d.trials} trials) and {runs}{kept}"
 
     if not args.yes:
@@ -176,7 +176,11 @@ def _delete_study(args: argparse.Namespace) -> int:
                          dry_run=True)
         if not sys.stdin.isatty():
             raise SearchError(f"this would delete {plan(d)}: pass --yes to do it")
-        if input(f"delete {plan(d)}? [y/N] ").strip().lower() not in ("y", "yes"):
+        try:
+            answer = input(f"delete {plan(d)}? [y/N] ")
+        except EOFError:  # Ctrl-D
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
     d = delete_study(args.study, args.storage, keep_runs=args.keep_runs, force=args.force)

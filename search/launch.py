@@ -165,14 +165,14 @@ def launch(
             time.sleep(0.5)
             now = time.monotonic()
             if now - last_print >= progress_every_s:
-                line = _progress_line(study, cfg.n_trials, workers)
+                line = _safe_progress_line(study, cfg.n_trials, workers)
                 if line != last_line or now - last_print >= 6 * progress_every_s:
                     print(line, flush=True)
                     last_line, last_print = line, now
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    print(_progress_line(study, cfg.n_trials, workers), flush=True)
+    print(_safe_progress_line(study, cfg.n_trials, workers), flush=True)
     failed = [w for w in workers if w.proc.returncode != 0]
     for w in failed:
         log.error("worker %s exited with status %s", w.name, w.proc.returncode)
@@ -183,6 +183,20 @@ def launch(
                  "'amt-search launch --study %s %s'", study_name, where)
         return 130
     return 1 if failed else 0
+
+
+def _safe_progress_line(study: optuna.Study, n_trials: int | None,
+                        workers: list[_Worker]) -> str:
+    """The progress line; when the study was deleted under launch (delete-study --force), a
+    line saying so: the workers end on their own at their next eval."""
+    try:
+        return _progress_line(study, n_trials, workers)
+    except KeyError as e:
+        if "Record does not exist" not in str(e):
+            raise
+        alive = sum(w.proc.poll() is None for w in workers)
+        return (f"[launch] study {study.study_name} was deleted: {alive}/{len(workers)} "
+                "workers alive, each stops at its next eval")
 
 
 def _progress_line(study: optuna.Study, n_trials: int | None, workers: list[_Worker]) -> str:

@@ -126,7 +126,8 @@ def check_run_dirs(study_name: str, storage_where: str) -> Any:
         raise SearchError(
             f"{root} holds the trial runs of study '{study_name}' in another storage "
             f"({named}): this study's trials would overwrite them — give it "
-            "another name (create-study --study-name), or set AMT_HOME to another directory")
+            "another name (create-study --study-name), set AMT_HOME to another directory, or, "
+            f"if that database is gone (the embedded one made anew), delete {root}")
     return previous
 
 
@@ -172,7 +173,11 @@ class PruningCallback:
             metrics["val_loss"],
             metrics["tokens_per_s"],
         )
-        self.trial.report(bleu, k)
+        try:
+            self.trial.report(bleu, k)
+        except KeyError as e:  # the study was deleted (delete-study --force): no checkpoint,
+            e.checkpoint = False  # type: ignore[attr-defined]  # its run directory may be
+            raise  # another study's by now; the worker ends with one line
         # at the budget's last eval the trial has spent it all: pruning saves nothing and throws
         # its result away (a rung can fall there, e.g. 8 evals with rungs at 2 and 8)
         if (self.n_evals is None or k < self.n_evals) and self.trial.should_prune():

@@ -478,9 +478,14 @@ def delete_study(name: str, storage_url: str | None = None, *, keep_runs: bool =
     from storage.paths import state_dir
     from storage.rdb import storage_identity
 
-    study, _ = load_study(name, storage_url)
+    backend: Any = open_storage(storage_url, create=False)
+    names = sorted(s.study_name for s in backend.get_all_studies())
+    if name not in names:  # (its stored config is not read: a study whose config no longer
+        # loads, or one not made by amt-search, can be deleted too)
+        raise SearchError(f"no study named '{name}' in the storage (studies: "
+                          f"{', '.join(names) or 'none'})")
+    study = optuna.load_study(study_name=name, storage=backend)
     storage = study._storage
-    backend: Any = getattr(storage, "_backend", storage)  # Optuna's cache wraps it
     trials = study.get_trials(deepcopy=False)
     running = [t.number for t in trials if t.state == optuna.trial.TrialState.RUNNING]
     if running and not force:
@@ -497,9 +502,13 @@ def delete_study(name: str, storage_url: str | None = None, *, keep_runs: bool =
                 == storage_identity(backend).split(" (")[0])
     except (OSError, ValueError):
         pass
-    dirs = sorted(root.glob("trial-*")) if ours and not keep_runs else []
+    dirs = sorted(d for d in root.glob("trial-*") if d.is_dir() and not d.is_symlink()
+                  ) if ours and not keep_runs else []
     size = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())
     kept = [str(d) for d in sorted(root.glob("full-trial-*"))]
+    left = [] if ours or keep_runs else sorted(root.glob("trial-*"))
+    if left:
+        kept.append(f"{root}/trial-* ({len(left)}: not marked as this study's, left alone)")
     result = Deleted(name, len(trials), [str(d) for d in dirs], size, kept)
     if dry_run:
         return result

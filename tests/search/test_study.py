@@ -86,11 +86,23 @@ def test_delete_study_removes_the_study_and_its_trial_runs_not_the_full_runs(
             in capsys.readouterr().err)
     assert len(load_study("tiny")[0].trials) == 4  # nothing deleted
     assert main(["delete-study", "--study", "tiny", "--yes"]) == 0
-    assert "1 promoted full run(s) stay" in capsys.readouterr().out
+    assert "these stay: " in (out := capsys.readouterr().out) and "full-trial-0" in out
     with pytest.raises(SearchError, match="no study named 'tiny'"):
         load_study("tiny")
     assert [p.name for p in root.iterdir()] == ["full-trial-0"]
     assert main(["create-study", "--config", str(write_search())]) == 0  # the name is free
+
+
+def test_launch_s_progress_line_survives_its_study_being_deleted(
+    write_search: Callable[..., Path]
+) -> None:
+    from search.launch import _safe_progress_line
+
+    create_study(load_search_config(write_search()))
+    study = load_study("tiny")[0]
+    assert _safe_progress_line(study, 8, []).startswith("[launch] 0/8 finished")
+    optuna.delete_study(study_name="tiny", storage=open_storage())
+    assert "study tiny was deleted: 0/0 workers alive" in _safe_progress_line(study, 8, [])
 
 
 def test_create_study_is_all_or_nothing(
