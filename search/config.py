@@ -285,8 +285,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not _STUDY_NAME.fullmatch(self.name):
             raise ConfigError(
-                f"name {self.name!r} must be 1-100 ASCII letters, digits, '.', '_' or '-' "
-                "(it names the study and its run directory)"
+                f"name {self.name!r} must be 1-100 ASCII letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit (it names the study and its run directory)"
             )
         if self.n_trials is None and self.timeout_s is None:
             raise ConfigError("set n_trials, timeout_s or both (otherwise the study never ends)")
