@@ -332,6 +332,8 @@ class ResilientRDBStorage(RDBStorage):
                 except Exception as e:
                     if not is_transient(e):
                         raise
+                    self._outage_ended_at = time.monotonic()  # (still going on: a nested
+                    # stale check between two attempts must not count heartbeats yet)
                     if time.monotonic() + delay > deadline:
                         raise StorageError(
                             f"the study database at {where(self.url)} has been unavailable "

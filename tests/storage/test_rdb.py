@@ -172,6 +172,14 @@ def test_no_trial_is_stale_until_a_grace_period_after_an_outage(
     assert calls == [0, 1]
     assert storage._stale_trial_ids(study._study_id) == []
     storage._outage_ended_at -= 6.1  # a grace period later
+
+    def check_after_a_lost_connection(n: int) -> list[int]:  # the stale check's own retry
+        if n == 0:
+            raise optuna.exceptions.StorageInternalError("read") from _connection_lost()
+        return storage._stale_trial_ids(study._study_id)
+
+    assert storage._with_retries(check_after_a_lost_connection) == []
+    storage._outage_ended_at -= 6.1  # a grace period later
     assert storage._stale_trial_ids(study._study_id) == [trial_id]
     storage._with_retries(lambda n: time.sleep(3.2))  # a stall: half the grace period
     assert storage._stale_trial_ids(study._study_id) == []
