@@ -435,6 +435,13 @@ def test_blank_sided_tsv_lines_are_counted(tmp_path: Path, caplog: pytest.LogCap
     assert load_corpus(DataConfig(source="tsv", path=str(path), val_fraction=0.0,
                                   test_fraction=0.0)).train == [("a", "b"), ("c", "d")]
     assert "2 line(s) with an empty side skipped (line 4, 5)" in caplog.text
+    caplog.clear()  # JSONL: a null side is an empty side too
+    js = tmp_path / "sides.jsonl"
+    js.write_text('{"src": "a", "tgt": "b"}\n{"src": "x", "tgt": null}\n{"src": "c", '
+                  '"tgt": "d"}\n', encoding="utf-8")
+    assert load_corpus(DataConfig(source="jsonl", path=str(js), val_fraction=0.0,
+                                  test_fraction=0.0)).train == [("a", "b"), ("c", "d")]
+    assert "1 line(s) with an empty side skipped (line 2)" in caplog.text
 
 
 def test_many_cut_pairs_are_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

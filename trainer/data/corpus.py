@@ -467,6 +467,9 @@ def _jsonl_parser(src_field: str, tgt_field: str) -> Callable[[str], Pair]:
         for field in (src_field, tgt_field):
             if field not in record:
                 raise ValueError(f"missing key '{field}' (keys: {', '.join(map(str, record))})")
+            if record[field] is None:  # an empty side, as a TSV line's: skipped and counted
+                values.append("")
+                continue
             if not isinstance(record[field], str):
                 raise ValueError(f"'{field}' must be a string, got {type(record[field]).__name__}")
             try:
