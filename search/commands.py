@@ -237,9 +237,9 @@ def _seconds(text: str) -> float:
 
 def _report(args: argparse.Namespace) -> int:
     from search import leaderboard
-    from search.study import load_study, only_study
+    from search.study import load_study
 
-    study, cfg = load_study(args.study or only_study(args.storage), args.storage)
+    study, cfg = load_study(args.study, args.storage)  # None: the storage's only study
     if args.command == "trials":
         print(leaderboard.format_rows(leaderboard.trial_rows(study, cfg, args.sort), args.format))
     elif args.command == "status":

@@ -93,7 +93,7 @@ class Curve:
 
 
 def write_report(
-    study_name: str,
+    study_name: str | None,
     out_dir: str | Path,
     storage_url: str | None = None,
     trials: Sequence[int] | None = None,
@@ -114,7 +114,8 @@ def write_report(
         raise SearchError(f"--out {out_dir}: a file, not a directory — give a directory for "
                           "REPORT.md and the figures")
     url = resolve_url(storage_url)
-    study, cfg = load_study(study_name, url)
+    study, cfg = load_study(study_name, url)  # None: the storage's only study
+    study_name = study.study_name
     all_trials = study.get_trials(deepcopy=False)
     log.info("study %s (%s): %d trials", study_name, mask_url(url), len(all_trials))
     run_dirs = [Path(r) for r in runs] or promoted_run_dirs(study_name, all_trials)
@@ -856,9 +857,6 @@ def _trial_list(text: str) -> list[int]:
 def _report(args: argparse.Namespace) -> int:
     if not str(args.out).strip():
         raise SearchError("--out is empty: give the directory for the figures and REPORT.md")
-    from search.study import only_study
-
-    study = args.study or only_study(args.storage)
-    path = write_report(study, args.out, args.storage, args.trials, args.run)
+    path = write_report(args.study, args.out, args.storage, args.trials, args.run)
     print(f"wrote {path}")
     return 0

@@ -44,7 +44,6 @@ __all__ = [
     "create_study",
     "delete_study",
     "load_study",
-    "only_study",
     "make_pruner",
     "pruner_min_resource",
     "make_sampler",
@@ -230,7 +229,7 @@ def _half_made(storage: optuna.storages.BaseStorage, name: str) -> bool:
 
 
 def load_study(
-    name: str,
+    name: str | None,
     storage: str | optuna.storages.BaseStorage | None = None,
     *,
     worker_index: int = 0,
@@ -238,14 +237,17 @@ def load_study(
     """The study ``name`` with its sampler (seeded ``seed + worker_index``) and pruner.
 
     ``storage`` is a URL (None: ``$AMT_STORAGE_URL`` or the embedded server) or an open
-    storage, e.g. from :func:`open_worker_storage`.
+    storage, e.g. from :func:`open_worker_storage`. ``name`` None: the storage's only
+    amt-search study.
 
     Raises:
-        SearchError: no such study (the message lists the existing ones), or the study was
-            not made by ``amt-search create-study`` (no stored config).
+        SearchError: no such study (the message lists the existing ones), none or several
+            when ``name`` is None, or the study was not made by ``amt-search create-study``
+            (no stored config).
     """
     rdb = (storage if isinstance(storage, optuna.storages.BaseStorage)
            else open_storage(storage, create=False))
+    name = name if name is not None else _only_study(rdb)
     cfg = _stored_config(rdb, name)
     # a restarted worker (same index) must not draw the trials it drew before: the seed also
     # counts the study's trials (a fresh study's are its warm starts, so a run is repeatable)
@@ -264,25 +266,24 @@ def open_worker_storage(name: str, storage_url: str | None = None) -> Any:
     return _open(storage_url, _stored_config(open_storage(storage_url, create=False), name))
 
 
-def only_study(storage_url: str | None = None) -> str:
+def _only_study(rdb: Any) -> str:
     """The name of the storage's one amt-search study (for commands given no --study).
 
     Raises:
         SearchError: none, or several (the message lists them).
     """
-    rdb = open_storage(storage_url, create=False)
     names = sorted(s.study_name for s in rdb.get_all_studies() if CONFIG_ATTR in s.system_attrs)
-    rdb.engine.dispose()
     if len(names) == 1:
         return names[0]
+    where = mask_url(str(rdb.url))
     if not names:
-        raise SearchError(f"no study in {_where(storage_url)} — create one with 'amt-search "
-                          "create-study'")
-    raise SearchError(f"--study is needed: {_where(storage_url)} holds {len(names)} studies: "
+        raise SearchError(f"no study in {where} — create one with 'amt-search create-study'")
+    raise SearchError(f"--study is needed: {where} holds {len(names)} studies: "
                       + ", ".join(names))
 
 
-def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
+def _require_study(rdb: Any, name: str) -> None:
+    """SearchError listing the storage's studies when ``name`` is not one of them."""
     names = sorted(s.study_name for s in rdb.get_all_studies())
     if name not in names:
         known = ", ".join(names) if names else "none"
@@ -290,6 +291,10 @@ def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
             f"no study named '{name}' in the storage (studies: {known}) — "
             "create it with 'amt-search create-study'"
         )
+
+
+def _stored_config(rdb: optuna.storages.BaseStorage, name: str) -> SearchConfig:
+    _require_study(rdb, name)
     attrs = rdb.get_study_system_attrs(rdb.get_study_id_from_name(name))
     if CONFIG_ATTR not in attrs:
         raise SearchError(
@@ -474,16 +479,13 @@ def delete_study(name: str, storage_url: str | None = None, *, keep_runs: bool =
     """
     import shutil
 
-    from search.objective import OWNER_FILE
+    from search.objective import OWNER_FILE, check_run_dirs
     from storage.paths import state_dir
     from storage.rdb import storage_identity
 
     backend: Any = open_storage(storage_url, create=False)
-    names = sorted(s.study_name for s in backend.get_all_studies())
-    if name not in names:  # (its stored config is not read: a study whose config no longer
-        # loads, or one not made by amt-search, can be deleted too)
-        raise SearchError(f"no study named '{name}' in the storage (studies: "
-                          f"{', '.join(names) or 'none'})")
+    _require_study(backend, name)  # (its stored config is not read: a study whose config no
+    # longer loads, or one not made by amt-search, can be deleted too)
     study = optuna.load_study(study_name=name, storage=backend)
     storage = study._storage
     trials = study.get_trials(deepcopy=False)
@@ -494,14 +496,11 @@ def delete_study(name: str, storage_url: str | None = None, *, keep_runs: bool =
             "its workers first (Ctrl-C the launch), or pass --force (a trial of a worker "
             "that died stays RUNNING until its grace period ends)")
     root = state_dir() / "runs" / name
-    ours = False
-    try:
-        owner = json.loads((root / OWNER_FILE).read_text())
-        ours = (isinstance(owner, dict) and owner.get("study_id") == study._study_id
-                and str(owner.get("storage")).split(" (")[0]
-                == storage_identity(backend).split(" (")[0])
-    except (OSError, ValueError):
-        pass
+    try:  # the run directories are this study's: its database and its id
+        owner = check_run_dirs(name, storage_identity(backend))
+        ours = isinstance(owner, dict) and owner.get("study_id") == study._study_id
+    except SearchError:  # another database's study of this name
+        ours = False
     dirs = sorted(d for d in root.glob("trial-*") if d.is_dir() and not d.is_symlink()
                   ) if ours and not keep_runs else []
     size = sum(f.stat().st_size for d in dirs for f in d.rglob("*") if f.is_file())

@@ -303,10 +303,10 @@ class _ExpectedFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, (DiskFull, TrainingFailed, TrialLost, WorkerStopped, ConfigError,
-                            CheckpointError, StorageError, SearchError)):
+                            CheckpointError, SearchError)):
             return False  # ours, or a user error the command line prints as one line
         if exc is not None and (_storage_error_in(exc) or _database_error_in(exc)):
-            return False  # the worker ends on it with one line
+            return False  # a StorageError or database error: the worker ends on it in one line
         return "failed with value None" not in record.getMessage()
 
 

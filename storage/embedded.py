@@ -119,7 +119,11 @@ def data_dir() -> Path:
 
 def data_dir_gone() -> bool:
     """No cluster in the data directory (deleted under its server, or never made)."""
-    return not (_layout().data / "PG_VERSION").exists()
+    return not _has_cluster(_layout())
+
+
+def _has_cluster(lay: _Layout) -> bool:
+    return (lay.data / "PG_VERSION").exists()
 
 
 def ensure_server(create: bool = True) -> str:
@@ -132,7 +136,7 @@ def ensure_server(create: bool = True) -> str:
     """
     lay = _layout()
     if not _set_up(lay):
-        if not create and not (lay.data / "PG_VERSION").exists():
+        if not create and not _has_cluster(lay):
             raise DataDirectoryGone(GONE_MESSAGE.format(lay.data))
         lay.root.mkdir(parents=True, exist_ok=True)
         with _locked(lay.lock):
@@ -193,7 +197,7 @@ def _start(lay: _Layout) -> None:
     start the postmaster detached, create the database and write the registry. A server that
     is alive but not ready (crash recovery; or a starter killed during ``pg_ctl start``, whose
     postmaster went on) is waited for instead."""
-    if not (lay.data / "PG_VERSION").exists():
+    if not _has_cluster(lay):
         _initdb(lay)
     started = None
     if _postmaster_pid(lay.data) is None:

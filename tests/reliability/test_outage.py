@@ -8,6 +8,7 @@ retried, every evaluation's report is in the study (none lost) and no trial is d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -23,6 +24,8 @@ OUTAGES_S = (0, 20, 60)
 N_TRIALS = 6  # 3 a worker: the third outage must find both mid-trial, however fast they train
 EVAL_EVERY = 4
 N_EVALS = 15
+TRUNCATION = {"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY, "eval_subset": 8,
+              "warmup": 0.1}
 
 
 def test_postgres_down_for_0_20_and_60_s_mid_study(
@@ -32,8 +35,7 @@ def test_postgres_down_for_0_20_and_60_s_mid_study(
     started = time.monotonic()
     study = make_study(
         tmp_path, corpus_dir, embedded_pg.url, "outage", n_trials=N_TRIALS,
-        truncation={"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY,
-                    "eval_subset": 8, "warmup": 0.1},
+        truncation=TRUNCATION,
     )
     workers = [study.spawn(forkserver, i) for i in range(2)]
 
@@ -92,8 +94,7 @@ def test_sigterm_during_an_outage_leaves_at_once_and_the_trial_resumes_later(
     started = time.monotonic()
     study = make_study(
         tmp_path, corpus_dir, embedded_pg.url, "outage-term", n_trials=1,
-        truncation={"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY,
-                    "eval_subset": 8, "warmup": 0.1},
+        truncation=TRUNCATION,
     )
     worker = study.spawn(forkserver, 0)
     wait_for(lambda: worker.progress()[1] >= 2, 120, "two evals of the first trial")
@@ -141,8 +142,7 @@ def test_postgres_frozen_past_the_grace_period_fails_no_trial(
     started = time.monotonic()
     study = make_study(
         tmp_path, corpus_dir, embedded_pg.url, "frozen", n_trials=4,
-        truncation={"max_steps": EVAL_EVERY * N_EVALS, "eval_every": EVAL_EVERY,
-                    "eval_subset": 8, "warmup": 0.1},
+        truncation=TRUNCATION,
     )
     workers = [study.spawn(forkserver, i) for i in range(2)]
 
@@ -154,10 +154,12 @@ def test_postgres_frozen_past_the_grace_period_fails_no_trial(
     server = psutil.Process(embedded_pg._call(embedded.status)["pid"])
     frozen = [server, *server.children(recursive=True)]
     for p in frozen:
-        p.suspend()
+        with contextlib.suppress(psutil.NoSuchProcess):  # a backend that just ended
+            p.suspend()
     time.sleep(2 * GRACE_S)
     for p in frozen:
-        p.resume()
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.resume()
     codes = [w.wait(180) for w in workers]
     trials = study.study().get_trials(deepcopy=False)
     problems = [f"worker exited {rc}:\n{w.tail()}" for w, rc in zip(workers, codes, strict=True)
